@@ -1,0 +1,46 @@
+// LSTM pointwise math, torch.nn gate order (i, f, g, o). Host and device share this code.
+//
+//   i = sigmoid(a_i)  f = sigmoid(a_f)  g = tanh(a_g)  o = sigmoid(a_o)
+//   c = f * c_prev + i * g        h = o * tanh(c)
+//
+// Backward, from dh and dc (the gradient flowing into c from the next step):
+//   dc_total = dc + dh * o * (1 - tanh(c)^2)
+//   da_i = dc_total * g * i (1 - i)      da_f = dc_total * c_prev * f (1 - f)
+//   da_g = dc_total * i * (1 - g^2)      da_o = dh * tanh(c) * o (1 - o)
+//   dc_prev = dc_total * f
+#pragma once
+#include "common/hd.h"
+
+namespace fastbig {
+namespace lstm {
+
+template <typename T>
+struct Gates {
+  T i, f, g, o;
+};
+
+// Forward for one (batch, hidden) element. a_*: pre-activations. Writes the activated gates.
+template <typename T>
+FB_HD void cell_forward(T a_i, T a_f, T a_g, T a_o, T c_prev, Gates<T>& act, T& c, T& h) {
+  act.i = fb_sigmoid(a_i);
+  act.f = fb_sigmoid(a_f);
+  act.g = fb_tanh(a_g);
+  act.o = fb_sigmoid(a_o);
+  c = act.f * c_prev + act.i * act.g;
+  h = act.o * fb_tanh(c);
+}
+
+// Backward for one element. dh, dc may be zero (an undefined incoming gradient).
+template <typename T>
+FB_HD void cell_backward(T dh, T dc, const Gates<T>& act, T c_prev, T c, Gates<T>& da, T& dc_prev) {
+  const T tc = fb_tanh(c);
+  const T dct = dc + dh * act.o * (T(1) - tc * tc);
+  da.i = dct * act.g * act.i * (T(1) - act.i);
+  da.f = dct * c_prev * act.f * (T(1) - act.f);
+  da.g = dct * act.i * (T(1) - act.g * act.g);
+  da.o = dh * tc * act.o * (T(1) - act.o);
+  dc_prev = dct * act.f;
+}
+
+}  // namespace lstm
+}  // namespace fastbig

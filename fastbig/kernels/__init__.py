@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers: triton + torch, nothing else."""

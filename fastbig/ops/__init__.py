@@ -1,0 +1,4 @@
+"""fastbig's fused ops: each checks its inputs and dispatches to Triton, _C or the reference."""
+from .lstm import lstm_cell  # noqa: F401
+
+__all__ = ["lstm_cell"]

@@ -1,0 +1,1 @@
+"""Pure-PyTorch oracles: the definition of correct. Imports nothing of fastbig."""
