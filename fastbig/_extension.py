@@ -1,8 +1,6 @@
 """Loads fastbig._C once and says what it was built with, and why anything is missing."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 _C = None
@@ -14,9 +12,7 @@ except Exception as e:  # ImportError, or an ABI mismatch with the installed tor
     _error = f"{type(e).__name__}: {e}"
 
 
-@functools.lru_cache(maxsize=None)
-def build_info() -> dict:
-    """What fastbig._C contains: loaded?, cuda?, archs, torch version it was built against."""
+def _read_build_info() -> dict:
     if _C is None:
         return {"loaded": False, "cuda": False, "cuda_archs": [], "torch_built": None,
                 "cuda_built": None, "ops": [],
@@ -30,8 +26,17 @@ def build_info() -> dict:
             "ops": ops, "error": None}
 
 
+_BUILD_INFO = _read_build_info()
+_OPS = frozenset(_BUILD_INFO["ops"])
+
+
+def build_info() -> dict:
+    """What fastbig._C contains: loaded?, cuda?, archs, torch version it was built against, ops."""
+    return dict(_BUILD_INFO)
+
+
 def has_op(name: str) -> bool:
-    return _C is not None and hasattr(torch.ops.fastbig, name)
+    return name in _OPS
 
 
 def require_extension(op: str):

@@ -36,7 +36,7 @@ def _check(name: str) -> str:
     return name.lower()
 
 
-def current() -> str:
+def _current() -> str:
     """The backend in force for this thread: a ``use()`` block, else FASTBIG_BACKEND, else auto."""
     stack = getattr(_local, "stack", None)
     if stack:
@@ -46,6 +46,35 @@ def current() -> str:
         return _check(env)
     except ValueError:
         raise ValueError(f"FASTBIG_BACKEND: expected one of {BACKENDS}, got {env!r}") from None
+
+
+def current() -> str:
+    """The backend in force for this thread: a ``use()`` block, else FASTBIG_BACKEND, else auto.
+
+    Under torch.compile the choice is made once, at trace time, and baked into the graph.
+    """
+    if _compiling():
+        return _current_const()
+    return _current()
+
+
+def _compiling() -> bool:
+    try:
+        import torch
+        return torch.compiler.is_compiling()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _current_const() -> str:
+    return _current()
+
+
+try:  # dynamo evaluates this at trace time and treats the result as a constant
+    import torch as _torch
+    _current_const = _torch.compiler.assume_constant_result(_current_const)
+except Exception:  # pragma: no cover
+    pass
 
 
 @contextlib.contextmanager
@@ -86,7 +115,7 @@ def extension_available(device) -> tuple[bool, str]:
     """Can the C++/CUDA extension run on tensors of this device?"""
     from . import _extension
 
-    info = _extension.build_info()
+    info = _extension._BUILD_INFO
     if not info["loaded"]:
         return False, f"fastbig._C is not loaded ({info['error']})"
     dev_type = getattr(device, "type", device)
