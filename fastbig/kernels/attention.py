@@ -1,0 +1,583 @@
+"""Flash attention (FlashAttention-2 style) in Triton: forward, backward, and their launchers.
+
+Forward: one program per (BLOCK_M query rows, batch*query-head); online softmax in the log2
+domain with fp32 accumulators; stores out and the log-sum-exp (natural log, fp32).
+Backward: Delta = rowsum(O * dO) (preprocess kernel), then dK/dV (one program per key block and
+kv head, looping over the query heads of its GQA group and the query blocks) and dQ (one program
+per query block and query head, looping over key blocks). No atomics: bit-for-bit deterministic.
+
+Everything a caller can vary is read in place through strides: q/k/v/o of any strides, GQA/MQA
+(kv head = h // GROUP), key padding [B, Sk] (True = padded), bool or additive masks broadcast to
+[B, Hq, Sq, Sk] by stride 0, varlen batches (cu_seqlens), causal (top-left) and sliding windows
+(loop bounds skip tiles that are fully outside the window), dropout from a Philox seed
+(regenerated in the backward), head dims 16..256 padded in registers to BLOCK_D.
+
+Under TRITON_INTERPRET=1 (CPU tensors) one small config is used and fp32 dots are "ieee"; on a
+GPU the kernels are autotuned (A100/H100 configs) and fp32 dots use tf32.
+
+This module imports triton at import time; fastbig.ops imports it lazily.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+# The interpreter's block size: small enough that odd sizes cross several tiles in the tests.
+_INTERP_BLOCK_M = 32
+_INTERP_BLOCK_N = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p):
+    """Keep-mask of one [BLOCK_M, BLOCK_N] tile: Philox keyed by (seed, batch*head), counter
+    m * drop_stride + n. The forward, both backward kernels and dropout_mask() agree on it."""
+    key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
+    offs = offs_m[:, None] * drop_stride + offs_n[None, :]
+    return tl.rand(key, offs) >= dropout_p
+
+
+@triton.jit
+def _score_tile(q, k, b, h, offs_m, offs_n, q_len, k_len, qk_scale2,
+                Mask, smb, smh, smm, smn, Kpm, skpb, skpn, window_left, window_right,
+                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores of one tile in the log2 domain (scale*log2e*q.k^T + log2e*mask), -inf where masked."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2
+    valid = (offs_n < k_len)[None, :] & (offs_m < q_len)[:, None]
+    if HAS_WL:
+        valid = valid & (offs_n[None, :] >= offs_m[:, None] - window_left)
+    if HAS_WR:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + window_right)
+    if HAS_KPM:
+        kp = tl.load(Kpm + b * skpb + offs_n * skpn, mask=offs_n < k_len, other=1)
+        valid = valid & (kp == 0)[None, :]
+    if HAS_MASK:
+        mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+        inb = (offs_m < q_len)[:, None] & (offs_n < k_len)[None, :]
+        if MASK_BOOL:
+            mv = tl.load(mptr, mask=inb, other=0)
+            valid = valid & (mv != 0)
+        else:
+            mv = tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
+            s = s + mv * 1.4426950408889634
+    return tl.where(valid, s, float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, Mask, Kpm, CuQ, CuK,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
+    H, GROUP, SQ, SK, D, qk_scale2, window_left, window_right, dropout_p, drop_scale, seed,
+    drop_stride, SQ_BUCKET, SK_BUCKET,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        q_len = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        k_len = tl.load(CuK + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = SQ
+        k_start = 0
+        k_len = SK
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q_ptrs = (Q + b64 * sqb + h.to(tl.int64) * sqh + (q_start + offs_m).to(tl.int64)[:, None] * sqm
+              + offs_d[None, :] * sqd)
+    q = tl.load(q_ptrs, mask=(offs_m < q_len)[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh + k_start.to(tl.int64) * skn
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh + k_start.to(tl.int64) * svn
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key range this query block can see: skip tiles outside the causal/window band.
+    lo = 0
+    hi = k_len
+    if HAS_WL:
+        lo = tl.maximum(start_m - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_WR:
+        hi = tl.minimum(hi, start_m + BLOCK_M + window_right)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        s = _score_tile(q, k, b64, h, offs_m, offs_n, q_len, k_len, qk_scale2,
+                        Mask, smb, smh, smm, smn, Kpm, skpb, skpn, window_left, window_right,
+                        HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: no NaN
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * drop_scale
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = (Out + b64 * sob + h.to(tl.int64) * soh + (q_start + offs_m).to(tl.int64)[:, None] * som
+              + offs_d[None, :] * sod)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & d_ok[None, :])
+    l_ptrs = Lse + b64 * slb + h.to(tl.int64) * slh + (q_start + offs_m).to(tl.int64) * slm
+    tl.store(l_ptrs, lse, mask=offs_m < q_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DO, Delta, CuQ,
+    sob, soh, som, sod, sdb, sdh, sdm, sdd, slb, slh, slm,
+    H, SQ, D,
+    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Delta[b, h, m] = sum_d O[b, h, m, d] * dO[b, h, m, d] in fp32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        q_len = tl.load(CuQ + b + 1) - q_start
+    else:
+        q_start = 0
+        q_len = SQ
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (q_start + offs_m).to(tl.int64)
+    msk = (offs_m < q_len)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(Out + b64 * sob + h * soh + rows[:, None] * som + offs_d[None, :] * sod,
+                mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * sdb + h * sdh + rows[:, None] * sdm + offs_d[None, :] * sdd,
+                 mask=msk, other=0.0).to(tl.float32)
+    tl.store(Delta + b64 * slb + h * slh + rows * slm, tl.sum(o * do, 1), mask=offs_m < q_len)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, Mask, Kpm, CuQ, CuK,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
+    H, HKV, GROUP, SQ, SK, D, qk_scale2, scale, window_left, window_right, dropout_p, drop_scale,
+    seed, drop_stride, SQ_BUCKET, SK_BUCKET,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        q_len = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        k_len = tl.load(CuK + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = SQ
+        k_start = 0
+        k_len = SK
+    if start_n >= k_len:
+        return
+    b64 = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+    krows = (k_start + offs_n).to(tl.int64)
+    k = tl.load(K + b64 * skb + hk * skh + krows[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * svb + hk * svh + krows[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query range that can see this key block.
+    lo = 0
+    hi = q_len
+    if HAS_WR:
+        lo = tl.maximum(start_n - window_right, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_WL:
+        hi = tl.minimum(hi, start_n + BLOCK_N + window_left)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b64 * sqb + h.to(tl.int64) * sqh + q_start.to(tl.int64) * sqm
+        do_base = DO + b64 * sdb + h.to(tl.int64) * sdh + q_start.to(tl.int64) * sdm
+        l_base = Lse + b64 * slb + h.to(tl.int64) * slh + q_start.to(tl.int64) * slm
+        d_base = Delta + b64 * slb + h.to(tl.int64) * slh + q_start.to(tl.int64) * slm
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < q_len
+            qmask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qmask, other=0.0)
+            lse = tl.load(l_base + offs_m * slm, mask=m_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            delta = tl.load(d_base + offs_m * slm, mask=m_ok, other=0.0)
+            s = _score_tile(q, k, b64, h, offs_m, offs_n, q_len, k_len, qk_scale2,
+                            Mask, smb, smh, smm, smn, Kpm, skpb, skpn, window_left, window_right,
+                            HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, DOT_PREC)
+            p = tl.exp2(s - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
+                pd = tl.where(keep, p * drop_scale, 0.0)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            else:
+                pd = p
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    dk = dk * scale
+    tl.store(DK + b64 * sdkb + hk * sdkh + krows[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * sdvb + hk * sdvh + krows[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, DMask, Mask, Kpm, CuQ, CuK,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sdqb, sdqh, sdqm, sdqd, sgb, sgh, sgm, sgn,
+    slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
+    H, GROUP, SQ, SK, D, qk_scale2, scale, window_left, window_right, dropout_p, drop_scale,
+    seed, drop_stride, SQ_BUCKET, SK_BUCKET,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_DMASK: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        q_len = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        k_len = tl.load(CuK + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = SQ
+        k_start = 0
+        k_len = SK
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < q_len
+    qmask = m_ok[:, None] & d_ok[None, :]
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=qmask, other=0.0)
+    do = tl.load(DO + b64 * sdb + h * sdh + rows[:, None] * sdm + offs_d[None, :] * sdd,
+                 mask=qmask, other=0.0)
+    lse = tl.load(Lse + b64 * slb + h * slh + rows * slm, mask=m_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + b64 * slb + h * slh + rows * slm, mask=m_ok, other=0.0)
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh + k_start.to(tl.int64) * skn
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh + k_start.to(tl.int64) * svn
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo = 0
+    hi = k_len
+    if HAS_WL:
+        lo = tl.maximum(start_m - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_WR:
+        hi = tl.minimum(hi, start_m + BLOCK_M + window_right)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = _score_tile(q, k, b64, h, offs_m, offs_n, q_len, k_len, qk_scale2,
+                        Mask, smb, smh, smm, smn, Kpm, skpb, skpn, window_left, window_right,
+                        HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, DOT_PREC)
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if STORE_DMASK:  # d(loss)/d(additive mask) = dS, written once per (b, h, m, n)
+            gptr = DMask + b64 * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
+            tl.store(gptr, ds, mask=m_ok[:, None] & (offs_n < k_len)[None, :])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dq = dq * scale
+    tl.store(DQ + b64 * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, H, SQ, SK, seed, drop_stride, dropout_p,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep-mask the attention kernels use for (seed, p) into Keep [B*H, SQ, SK]."""
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
+    ptr = Keep + bh.to(tl.int64) * SQ * SK + offs_m[:, None] * SK + offs_n[None, :]
+    tl.store(ptr, keep.to(tl.int8), mask=(offs_m < SQ)[:, None] & (offs_n < SK)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning (GPU only; the interpreter runs one config)
+# ---------------------------------------------------------------------------------------------
+def _fwd_configs():
+    cfgs = []
+    for bm, bn, w, s in [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4),
+                         (128, 32, 4, 4), (64, 32, 4, 3)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _bwd_configs():
+    cfgs = []
+    for bm, bn, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3),
+                         (64, 32, 4, 3), (32, 32, 4, 2)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose register/shared footprint is hopeless for wide heads."""
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    if bd <= 64:
+        return configs
+    limit = 128 * 64 if bd <= 128 else 64 * 64
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    return kept or configs[-1:]
+
+
+_KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "GROUP", "HAS_MASK", "HAS_KPM", "IS_VARLEN",
+        "HAS_WL", "HAS_WR", "HAS_DROPOUT"]
+
+if INTERPRET:
+    _fwd_launch = _attn_fwd_kernel
+    _dkdv_launch = _attn_bwd_dkdv_kernel
+    _dq_launch = _attn_bwd_dq_kernel
+else:  # pragma: no cover - needs a GPU
+    _fwd_launch = triton.autotune(_fwd_configs(), key=_KEY,
+                                  prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
+    _dkdv_launch = triton.autotune(_bwd_configs(), key=_KEY,
+                                   prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
+    _dq_launch = triton.autotune(_bwd_configs(), key=_KEY + ["STORE_DMASK"],
+                                 prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq_kernel)
+
+
+def _blocks(fixed: bool):
+    return {"BLOCK_M": _INTERP_BLOCK_M, "BLOCK_N": _INTERP_BLOCK_N} if fixed else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 16))
+
+
+def _dot_prec(dtype) -> str:
+    return "tf32" if (dtype == torch.float32 and not INTERPRET) else "ieee"
+
+
+class _Layout:
+    """Batch/head/row strides of a [B, H, S, D] tensor or a packed varlen [T, H, D] one."""
+
+    def __init__(self, t, varlen):
+        if varlen:
+            self.strides = (0, t.stride(1), t.stride(0), t.stride(2))
+        else:
+            self.strides = tuple(t.stride())
+
+
+def _lse_strides(lse, varlen):
+    # batched lse [B, H, Sq]; varlen lse [H, total_q]
+    return (0, lse.stride(0), lse.stride(1)) if varlen else tuple(lse.stride())
+
+
+def _mask_args(attn_mask, B, H, Sq, Sk, q):
+    """(pointer, strides, has, is_bool): masks broadcast to [B, H, Sq, Sk] by stride 0."""
+    if attn_mask is None:
+        return q, (0, 0, 0, 0), False, False
+    m = attn_mask.expand(B, H, Sq, Sk)
+    is_bool = m.dtype == torch.bool
+    if is_bool:
+        m = m.view(torch.uint8)
+    return m, tuple(m.stride()), True, is_bool
+
+
+def _kpm_args(key_padding_mask, q):
+    if key_padding_mask is None:
+        return q, (0, 0), False
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+    return kpm, tuple(kpm.stride()), True
+
+
+def _window_args(window_left, window_right):
+    has_wl = window_left is not None and window_left >= 0
+    has_wr = window_right is not None and window_right >= 0
+    return (int(window_left) if has_wl else 0, int(window_right) if has_wr else 0, has_wl, has_wr)
+
+
+def _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        B = cu_seqlens_q.numel() - 1
+        H, D = q.shape[1], q.shape[2]
+        Hkv = k.shape[1]
+        Sq, Sk = int(max_seqlen_q), int(max_seqlen_k)
+    else:
+        B, H, Sq, D = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+    return varlen, B, H, Hkv, Sq, Sk, D
+
+
+def attention_forward(q, k, v, *, attn_mask=None, key_padding_mask=None, cu_seqlens_q=None,
+                      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, scale, window_left=-1,
+                      window_right=-1, dropout_p=0.0, seed=0):
+    """Runs the forward kernel. Returns (out like q, lse fp32 [B, H, Sq] or [H, total_q])."""
+    varlen, B, H, Hkv, Sq, Sk, D = _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if varlen:
+        lse = torch.empty(H, q.shape[0], dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, B, H, Sq, Sk, q)
+    kpm, kstr, has_kpm = _kpm_args(key_padding_mask, q)
+    wl, wr, has_wl, has_wr = _window_args(window_left, window_right)
+    cuq = cu_seqlens_q if varlen else q
+    cuk = cu_seqlens_k if varlen else q
+    has_drop = dropout_p > 0.0
+    grid = lambda META: (triton.cdiv(Sq, META["BLOCK_M"]), B * H)  # noqa: E731
+    _fwd_launch[grid](
+        q, k, v, out, lse, mask, kpm, cuq, cuk,
+        *_Layout(q, varlen).strides, *_Layout(k, varlen).strides, *_Layout(v, varlen).strides,
+        *_Layout(out, varlen).strides, *_lse_strides(lse, varlen), *mstr, *kstr,
+        H, H // Hkv, Sq, Sk, D, scale * LOG2E, wl, wr, float(dropout_p),
+        1.0 / (1.0 - dropout_p) if has_drop else 1.0, int(seed), Sk, _bucket(Sq), _bucket(Sk),
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_KPM=has_kpm, IS_VARLEN=varlen,
+        HAS_WL=has_wl, HAS_WR=has_wr, HAS_DROPOUT=has_drop, DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(D)), **_blocks(INTERPRET),
+    )
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, *, attn_mask=None, key_padding_mask=None,
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, scale,
+                       window_left=-1, window_right=-1, dropout_p=0.0, seed=0, mask_grad=False):
+    """Runs the backward kernels. Returns (dq, dk, dv, dmask-or-None); dmask, when asked for, is
+    dL/d(additive mask) at full [B, H, Sq, Sk] fp32 (the caller sums it to the mask's shape)."""
+    varlen, B, H, Hkv, Sq, Sk, D = _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    store_dmask = bool(mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool)
+    dmask = torch.zeros(B, H, Sq, Sk, dtype=torch.float32, device=q.device) if store_dmask else None
+    if q.numel() == 0 or k.numel() == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, dmask
+    delta = torch.empty_like(lse)
+    mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, B, H, Sq, Sk, q)
+    kpm, kstr, has_kpm = _kpm_args(key_padding_mask, q)
+    wl, wr, has_wl, has_wr = _window_args(window_left, window_right)
+    cuq = cu_seqlens_q if varlen else q
+    cuk = cu_seqlens_k if varlen else q
+    has_drop = dropout_p > 0.0
+    drop_scale = 1.0 / (1.0 - dropout_p) if has_drop else 1.0
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    lstr = _lse_strides(lse, varlen)
+    ql, kl, vl = _Layout(q, varlen).strides, _Layout(k, varlen).strides, _Layout(v, varlen).strides
+    dol = _Layout(grad_out, varlen).strides
+    pre_bm = 64 if BLOCK_D <= 128 else 32
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, pre_bm), B * H)](
+        out, grad_out, delta, cuq, *_Layout(out, varlen).strides, *dol, *lstr, H, Sq, D,
+        IS_VARLEN=varlen, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D)
+    common = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_KPM=has_kpm, IS_VARLEN=varlen,
+                  HAS_WL=has_wl, HAS_WR=has_wr, HAS_DROPOUT=has_drop,
+                  DOT_PREC=_dot_prec(q.dtype), BLOCK_D=BLOCK_D, **_blocks(INTERPRET))
+    grid_kv = lambda META: (triton.cdiv(Sk, META["BLOCK_N"]), B * Hkv)  # noqa: E731
+    _dkdv_launch[grid_kv](
+        q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, cuq, cuk,
+        *ql, *kl, *vl, *dol, *_Layout(dk, varlen).strides, *_Layout(dv, varlen).strides,
+        *lstr, *mstr, *kstr,
+        H, Hkv, H // Hkv, Sq, Sk, D, scale * LOG2E, scale, wl, wr, float(dropout_p), drop_scale,
+        int(seed), Sk, _bucket(Sq), _bucket(Sk), **common)
+    gbuf = dmask if store_dmask else q
+    gstr = tuple(dmask.stride()) if store_dmask else (0, 0, 0, 0)
+    grid_q = lambda META: (triton.cdiv(Sq, META["BLOCK_M"]), B * H)  # noqa: E731
+    _dq_launch[grid_q](
+        q, k, v, grad_out, lse, delta, dq, gbuf, mask, kpm, cuq, cuk,
+        *ql, *kl, *vl, *dol, *_Layout(dq, varlen).strides, *gstr, *lstr, *mstr, *kstr,
+        H, H // Hkv, Sq, Sk, D, scale * LOG2E, scale, wl, wr, float(dropout_p), drop_scale,
+        int(seed), Sk, _bucket(Sq), _bucket(Sk), STORE_DMASK=store_dmask, **common)
+    return dq, dk, dv, dmask
+
+
+def dropout_mask(B, H, Sq, Sk, dropout_p, seed, device, drop_stride=None):
+    """The keep-mask (bool [B, H, Sq, Sk]) the kernels apply for this (seed, p): for tests and
+    for recomputing a dropout run with the reference."""
+    keep = torch.empty(B * H, Sq, Sk, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(Sq, 32), triton.cdiv(Sk, 32), B * H)
+    _dropout_mask_kernel[grid](keep, H, Sq, Sk, int(seed), Sk if drop_stride is None else drop_stride,
+                               float(dropout_p), BLOCK_M=32, BLOCK_N=32)
+    return keep.view(B, H, Sq, Sk).bool()
