@@ -2,3 +2,6 @@
 from .lstm import lstm_cell  # noqa: F401
 
 __all__ = ["lstm_cell"]
+from .attention import attention, attention_varlen  # noqa: F401,E402
+
+__all__ += ["attention", "attention_varlen"]
