@@ -33,6 +33,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "F
 # The interpreter's block size: small enough that odd sizes cross several tiles in the tests.
 _INTERP_BLOCK_M = 32
 _INTERP_BLOCK_N = 32
+# Tests set this: every buffer a kernel must fully write starts as NaN, so a missed element shows.
+POISON_OUTPUTS = False
+
+
+def _empty_like(t, **kw):
+    out = torch.empty_like(t, memory_format=torch.contiguous_format, **kw)
+    if POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,11 +503,11 @@ def attention_forward(q, k, v, *, attn_mask=None, key_padding_mask=None, cu_seql
                       window_right=-1, dropout_p=0.0, seed=0):
     """Runs the forward kernel. Returns (out like q, lse fp32 [B, H, Sq] or [H, total_q])."""
     varlen, B, H, Hkv, Sq, Sk, D = _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = _empty_like(q)
     if varlen:
-        lse = torch.empty(H, q.shape[0], dtype=torch.float32, device=q.device)
+        lse = _empty_like(q.new_empty(H, q.shape[0], dtype=torch.float32))
     else:
-        lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        lse = _empty_like(q.new_empty(B, H, Sq, dtype=torch.float32))
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
@@ -528,15 +537,13 @@ def attention_backward(grad_out, q, k, v, out, lse, *, attn_mask=None, key_paddi
     """Runs the backward kernels. Returns (dq, dk, dv, dmask-or-None); dmask, when asked for, is
     dL/d(additive mask) at full [B, H, Sq, Sk] fp32 (the caller sums it to the mask's shape)."""
     varlen, B, H, Hkv, Sq, Sk, D = _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     store_dmask = bool(mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool)
     dmask = torch.zeros(B, H, Sq, Sk, dtype=torch.float32, device=q.device) if store_dmask else None
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, dmask
-    delta = torch.empty_like(lse)
+    delta = _empty_like(lse)
     mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, B, H, Sq, Sk, q)
     kpm, kstr, has_kpm = _kpm_args(key_padding_mask, q)
     wl, wr, has_wl, has_wr = _window_args(window_left, window_right)

@@ -1,2 +1,6 @@
 """Drop-in modules with torch.nn's signatures and state_dict keys."""
 __all__ = []
+from . import functional  # noqa: F401,E402
+from .attention import MultiheadAttention, SelfAttention  # noqa: F401,E402
+
+__all__ += ["functional", "MultiheadAttention", "SelfAttention"]

@@ -186,9 +186,9 @@ def _check_inputs(q, k, v, attn_mask, key_padding_mask):
         full = (B, Hq, Sq, Sk)
         ok = 2 <= attn_mask.dim() <= 4 and all(
             m == 1 or m == f for m, f in zip(reversed(attn_mask.shape), reversed(full)))
-        if not ok or attn_mask.shape[-1] != Sk or attn_mask.shape[-2] not in (1, Sq):
+        if not ok:
             raise ValueError(f"{_OP}: attn_mask must be broadcastable to [B, Hq, Sq, Sk] = "
-                             f"{list(full)} as [B|1, Hq|1, Sq, Sk], got {tuple(attn_mask.shape)}")
+                             f"{list(full)} as [B|1, Hq|1, Sq|1, Sk|1], got {tuple(attn_mask.shape)}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"{_OP}: key_padding_mask must be a bool tensor or None, "
