@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import attention as _attn
+from ..ops.attention import attention as _attention
 
 __all__ = ["MultiheadAttention", "SelfAttention"]
 
@@ -138,7 +138,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             k, v = torch.cat([k, z], dim=2), torch.cat([v, z], dim=2)
             attn_mask, key_padding_mask = self._pad_masks(attn_mask, key_padding_mask)
 
-        out = _attn.attention(q, k, v, causal=causal, attn_mask=attn_mask,
+        out = _attention(q, k, v, causal=causal, attn_mask=attn_mask,
                               key_padding_mask=key_padding_mask,
                               dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, L, E)
@@ -185,7 +185,7 @@ class SelfAttention(nn.Module):
         q = self.query(x)[:, None]
         k = self.key(x)[:, None]
         v = self.value(x)[:, None]
-        out = _attn.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+        out = _attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
                               scale=1.0 / math.sqrt(self.embed_dim))
         return out[:, 0]
 

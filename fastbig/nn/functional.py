@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ..ops import attention as _attn
+from ..ops.attention import _check_heads, attention as _attention
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -44,7 +44,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             if not enable_gqa:
                 raise RuntimeError(f"{_OP}: query has {Hq} heads but key has {Hk}; pass "
                                    f"enable_gqa=True for grouped-query attention")
-            _attn._check_heads(_OP, Hq, Hk)
+            _check_heads(_OP, Hq, Hk)
         if value.shape[-3] != Hk:
             raise ValueError(f"{_OP}: value must have {Hk} heads (key's), got {value.shape[-3]}")
 
@@ -61,7 +61,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() < 2:
         attn_mask = attn_mask[(None,) * (2 - attn_mask.dim())]
     if query.dim() == 4:
-        return _attn.attention(query, key, value, causal=is_causal, attn_mask=attn_mask,
+        return _attention(query, key, value, causal=is_causal, attn_mask=attn_mask,
                                dropout_p=dropout_p, scale=scale)
     # Any other rank: fold the leading dims into one batch dim (heads at -3 stay heads).
     if query.dim() == 2:
@@ -81,6 +81,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         except RuntimeError:
             raise ValueError(f"{_OP}: attn_mask must be broadcastable to {list(full)}, got "
                              f"{tuple(attn_mask.shape)}") from None
-    out = _attn.attention(q4, k4, v4, causal=is_causal, attn_mask=mask4, dropout_p=dropout_p,
+    out = _attention(q4, k4, v4, causal=is_causal, attn_mask=mask4, dropout_p=dropout_p,
                           scale=scale)
     return out.reshape(*query.shape[:-1], E)

@@ -1,0 +1,570 @@
+"""fastbig attention: the Triton kernels (through the interpreter on CPU), the CPU (SDPA) path,
+the custom-op registration, and the drop-in modules, each against the float64 reference."""
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbig
+from fastbig import backends
+from fastbig.reference import attention as ref
+from conftest import HAS_CUDA, assert_close, randn, rel_err
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+attn_ops = importlib.import_module("fastbig.ops.attention")  # the module (fastbig.ops.attention is the function)
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    """Every kernel output buffer starts as NaN: an element the kernel fails to write shows."""
+    try:
+        from fastbig.kernels import attention as kern
+    except Exception:  # triton missing: nothing to poison
+        yield
+        return
+    old = kern.POISON_OUTPUTS
+    kern.POISON_OUTPUTS = True
+    yield
+    kern.POISON_OUTPUTS = old
+
+
+def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, device=DEV):
+    q = randn(B, Hq, Sq, D, dtype=dtype, device=device, requires_grad=True)
+    k = randn(B, Hkv, Sk, D, dtype=dtype, device=device, requires_grad=True)
+    v = randn(B, Hkv, Sk, D, dtype=dtype, device=device, requires_grad=True)
+    return q, k, v
+
+
+def _f64(*ts):
+    return [t.detach().double().cpu().requires_grad_(t.requires_grad) for t in ts]
+
+
+def _check_against_ref(q, k, v, *, tf32=False, mask_grad=False, lse_check=True, **kw):
+    """Runs fastbig.ops.attention (whatever backend is in force) and the float64 reference on the
+    same inputs; compares out, lse and dq/dk/dv (and d mask) with conftest's per-dtype bounds."""
+    out, lse = fastbig.ops.attention(q, k, v, return_lse=True, **kw)
+    do = randn(*out.shape, dtype=out.dtype, device=out.device)
+    ins = [q, k, v] + ([kw["attn_mask"]] if mask_grad else [])
+    grads = torch.autograd.grad(out, ins, do)
+    rkw = dict(kw)
+    rins = _f64(q, k, v)
+    if kw.get("attn_mask") is not None:
+        m = kw["attn_mask"]
+        rkw["attn_mask"] = m.detach().cpu() if m.dtype == torch.bool else _f64(m)[0]
+        if mask_grad:
+            rins.append(rkw["attn_mask"])
+    if kw.get("key_padding_mask") is not None:
+        rkw["key_padding_mask"] = kw["key_padding_mask"].cpu()
+    rout, rlse = ref.attention(*rins[:3], return_lse=True, **rkw)
+    rgrads = torch.autograd.grad(rout, rins, do.double().cpu())
+    dt = q.dtype
+    errs = {"out": assert_close(out, rout, dt, tf32=tf32, name="out")}
+    if lse_check:
+        fin = torch.isfinite(rlse)
+        assert torch.equal(torch.isfinite(lse.cpu()), fin), "lse: -inf rows differ"
+        errs["lse"] = assert_close(lse.cpu()[fin], rlse[fin], torch.float32 if dt != torch.float16 else dt,
+                                   tf32=tf32, name="lse")
+    for name, g, rg in zip(("dq", "dk", "dv", "dmask"), grads, rgrads):
+        errs[name] = assert_close(g, rg, dt, tf32=tf32, name=name)
+    return errs
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernels (interpreter on CPU, GPU when present)
+# ---------------------------------------------------------------------------------------------
+SHAPES = [  # B, Hq, Hkv, Sq, Sk, D
+    (1, 1, 1, 1, 1, 16),       # seq 1
+    (2, 2, 2, 17, 17, 64),     # odd seq
+    (1, 2, 2, 113, 113, 80),   # odd seq, non-power-of-two head dim
+    (1, 2, 1, 33, 71, 128),    # Sq != Sk, MQA
+    (1, 4, 2, 70, 23, 96),     # Sq > Sk, GQA, head dim 96
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", ["full", "causal", "window"])
+def test_triton_matches_reference(interpret_triton, shape, dtype, mode):
+    if mode != "full" and shape[3] == 1:
+        pytest.skip("seq 1 is covered by the full mode")
+    kw = {"causal": mode == "causal", "window": (9, 4) if mode == "window" else None}
+    _check_against_ref(*_inputs(*shape, dtype), tf32=HAS_CUDA, **kw)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (40, None), (None, 5), (3, 60)])
+def test_triton_window_and_causal(interpret_triton, window):
+    # window bands that cut through tiles, start/end past the sequence, one-sided windows
+    q, k, v = _inputs(1, 2, 1, 77, 90, 32, torch.float32)
+    _check_against_ref(q, k, v, window=window, causal=window[1] == 5, tf32=HAS_CUDA)
+
+
+@pytest.mark.parametrize("kind", ["bool_b1", "bool_2d", "add_1h", "add_full", "kpm", "kpm+add"])
+def test_triton_masks(interpret_triton, kind):
+    B, H, Sq, Sk, D = 2, 2, 37, 45, 16
+    q, k, v = _inputs(B, H, H, Sq, Sk, D, torch.float32)
+    kw = {}
+    if kind == "bool_b1":
+        kw["attn_mask"] = torch.rand(B, 1, Sq, Sk, device=DEV) > 0.3
+    elif kind == "bool_2d":
+        kw["attn_mask"] = torch.rand(Sq, Sk, device=DEV) > 0.5
+    elif kind == "add_1h":
+        kw["attn_mask"] = randn(1, H, Sq, Sk, device=DEV, requires_grad=True)
+    elif kind == "add_full":
+        kw["attn_mask"] = randn(B, H, Sq, Sk, device=DEV, requires_grad=True)
+    if kind.startswith("kpm"):
+        kpm = torch.zeros(B, Sk, dtype=torch.bool, device=DEV)
+        kpm[0, 30:] = True
+        kpm[1, :7] = True
+        kw["key_padding_mask"] = kpm
+        if kind == "kpm+add":
+            kw["attn_mask"] = randn(Sq, Sk, device=DEV, requires_grad=True)
+    mask_grad = "attn_mask" in kw and kw["attn_mask"].dtype != torch.bool
+    _check_against_ref(q, k, v, mask_grad=mask_grad, tf32=HAS_CUDA, **kw)
+
+
+def test_triton_fully_masked_rows(interpret_triton):
+    B, H, Sq, Sk, D = 2, 2, 20, 24, 16
+    q, k, v = _inputs(B, H, H, Sq, Sk, D, torch.float32)
+    mask = torch.rand(B, H, Sq, Sk, device=DEV) > 0.4
+    mask[0, 1, 3] = False           # one fully masked row
+    mask[1, :, 10:14] = False       # a block of them
+    kpm = torch.zeros(B, Sk, dtype=torch.bool, device=DEV)
+    kpm[1, :] = True                # batch 1: every key padded
+    out, lse = fastbig.ops.attention(q, k, v, attn_mask=mask, key_padding_mask=kpm, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.all(out[0, 1, 3] == 0) and torch.all(out[1] == 0)
+    assert torch.isneginf(lse[0, 1, 3]) and torch.isneginf(lse[1]).all()
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert torch.all(dq[1] == 0) and torch.all(dk[1] == 0) and torch.all(dv[1] == 0)
+    _check_against_ref(q, k, v, attn_mask=mask, key_padding_mask=kpm, tf32=HAS_CUDA)
+
+
+def _varlen_case(dtype, Hq=2, Hkv=1, D=32, lens_q=(1, 17, 40), lens_k=(5, 17, 33)):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=DEV)
+    q = randn(int(cu_q[-1]), Hq, D, dtype=dtype, device=DEV, requires_grad=True)
+    k = randn(int(cu_k[-1]), Hkv, D, dtype=dtype, device=DEV, requires_grad=True)
+    v = randn(int(cu_k[-1]), Hkv, D, dtype=dtype, device=DEV, requires_grad=True)
+    return q, k, v, cu_q, cu_k, max(lens_q), max(lens_k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_reference(causal):
+    # the Triton path (interpreter here) and the CPU/auto path, same inputs
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case(torch.float32)
+    rq, rk, rv = _f64(q, k, v)
+    rout, rlse = ref.attention_varlen(rq, rk, rv, cu_q.cpu(), cu_k.cpu(), causal=causal, return_lse=True)
+    do = randn(*q.shape, device=DEV)
+    rgrads = torch.autograd.grad(rout, (rq, rk, rv), do.double().cpu())
+    names = ["auto"] + (["triton"] if HAS_CUDA or backends.triton_interpret() else [])
+    for name in names:
+        with backends.use(name):
+            out, lse = fastbig.ops.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal,
+                                                    return_lse=True)
+        assert lse.shape == (2, q.shape[0])
+        assert_close(out, rout, name=f"{name} out", tf32=HAS_CUDA)
+        assert_close(lse, rlse, name=f"{name} lse", tf32=HAS_CUDA)
+        for g, rg, n in zip(torch.autograd.grad(out, (q, k, v), do), rgrads, "qkv"):
+            assert_close(g, rg, name=f"{name} d{n}", tf32=HAS_CUDA)
+
+
+def test_dropout_keep_rate_and_seed(interpret_triton):
+    p = 0.3
+    keep = attn_ops.dropout_mask(2, 2, 64, 96, p, seed=1234, device=DEV)
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 0.015, f"keep rate {rate:.4f}, expected {1 - p}"
+    # heads and batches draw different masks; the same seed draws the same one
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert torch.equal(keep, attn_ops.dropout_mask(2, 2, 64, 96, p, seed=1234, device=DEV))
+    assert not torch.equal(keep, attn_ops.dropout_mask(2, 2, 64, 96, p, seed=1235, device=DEV))
+
+
+def test_triton_dropout_matches_reference_with_its_mask(interpret_triton):
+    B, H, Sq, Sk, D, p = 1, 2, 45, 38, 16, 0.25
+    q, k, v = _inputs(B, H, 1, Sq, Sk, D, torch.float32)
+    torch.manual_seed(7)
+    out = fastbig.ops.attention(q, k, v, dropout_p=p, causal=True)
+    torch.manual_seed(7)
+    seed = int(attn_ops._new_seed())  # the seed the op drew
+    keep = attn_ops.dropout_mask(B, H, Sq, Sk, p, seed=seed, device=DEV).cpu()
+    do = randn(*out.shape, device=DEV)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    rq, rk, rv = _f64(q, k, v)
+    rout = ref.attention(rq, rk, rv, causal=True, dropout_p=p, dropout_keep=keep)
+    rgrads = torch.autograd.grad(rout, (rq, rk, rv), do.double().cpu())
+    assert_close(out, rout, tf32=HAS_CUDA, name="out")
+    for g, rg, n in zip(grads, rgrads, "qkv"):
+        assert_close(g, rg, tf32=HAS_CUDA, name=f"d{n}")
+    # reproducible from torch's seed, different without it
+    torch.manual_seed(7)
+    assert torch.equal(out, fastbig.ops.attention(q, k, v, dropout_p=p, causal=True))
+    assert not torch.equal(out, fastbig.ops.attention(q, k, v, dropout_p=p, causal=True))
+
+
+def test_triton_backward_is_deterministic(interpret_triton):
+    q, k, v = _inputs(2, 4, 2, 50, 61, 32, torch.float16)
+    mask = randn(2, 1, 50, 61, device=DEV)
+    runs = []
+    for _ in range(2):
+        out = fastbig.ops.attention(q, k, v, attn_mask=mask, window=(20, 7))
+        runs.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(interpret_triton):
+    q, k, v = _inputs(1, 2, 1, 19, 21, 16, torch.float32)
+    mask = randn(1, 2, 19, 21, device=DEV, requires_grad=True)
+    kpm = torch.zeros(1, 21, dtype=torch.bool, device=DEV)
+    kpm[0, 15:] = True
+    args = (q, k, v, mask, kpm, None, None, 19, 21, 0.3, 5, 0, 0.0, None)
+    torch.library.opcheck(torch.ops.fastbig.flash_attn.default, args)
+    q2, k2, v2, cu_q, cu_k, mq, mk = _varlen_case(torch.float32, lens_q=(3, 10), lens_k=(8, 4))
+    seed = torch.tensor(99, dtype=torch.int64)
+    args = (q2, k2, v2, None, None, cu_q, cu_k, mq, mk, 0.25, -1, -1, 0.2, seed)
+    torch.library.opcheck(torch.ops.fastbig.flash_attn.default, args)
+
+
+@pytest.mark.parametrize("name", ["auto", "triton"])
+def test_torch_compile_fullgraph(name):
+    if name == "triton" and not (HAS_CUDA or backends.triton_interpret()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    torch._dynamo.reset()
+    q, k, v = _inputs(1, 2, 1, 24, 24, 16, torch.float32)
+    mask = torch.rand(24, 24, device=DEV) > 0.2
+
+    def f(q, k, v):
+        return fastbig.ops.attention(q, k, v, attn_mask=mask, window=(10, None)) * 2
+
+    with backends.use(name):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if name == "triton" else "inductor")
+        out = compiled(q, k, v)
+        g = torch.autograd.grad(out.sum(), (q, k, v))
+    rq, rk, rv = _f64(q, k, v)
+    rout = ref.attention(rq, rk, rv, attn_mask=mask.cpu(), window=(10, None)) * 2
+    rg = torch.autograd.grad(rout.sum(), (rq, rk, rv))
+    assert_close(out, rout, tf32=HAS_CUDA and name == "triton")
+    for a, b in zip(g, rg):
+        assert_close(a, b, tf32=HAS_CUDA and name == "triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU (auto) path and dispatch
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["plain", "causal_gqa", "window", "masks", "fully_masked", "scale"])
+def test_auto_cpu_path_matches_reference(case):
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 33, 47, 24
+    q, k, v = _inputs(B, Hq, Hkv if case == "causal_gqa" else Hq, Sq, Sk, D, torch.float32, device="cpu")
+    kw = {}
+    if case == "causal_gqa":
+        kw["causal"] = True
+    elif case == "window":
+        kw["window"] = (6, 3)
+    elif case == "masks":
+        kw["attn_mask"] = randn(B, 1, Sq, Sk)
+        kw["key_padding_mask"] = torch.rand(B, Sk) > 0.8
+    elif case == "fully_masked":
+        m = torch.rand(1, Hq, Sq, Sk) > 0.3
+        m[0, 0, :5] = False
+        kw["attn_mask"] = m
+    elif case == "scale":
+        kw["scale"] = 0.37
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CPU path takes all of these without falling back
+        _check_against_ref(q, k, v, **kw)
+
+
+def test_auto_falls_back_once_with_a_warning():
+    q, k, v = _inputs(1, 2, 2, 9, 9, 16, torch.float32, device="cpu")
+    backends._reset_warnings()
+    with pytest.warns(backends.FastbigFallbackWarning, match="log-sum-exp with dropout"):
+        out, lse = fastbig.ops.attention(q, k, v, dropout_p=0.1, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastbig.ops.attention(q, k, v, dropout_p=0.1, return_lse=True)  # warned once already
+
+
+def test_forced_backends():
+    q, k, v = _inputs(1, 2, 2, 9, 9, 16, torch.float64, device="cpu")
+    with backends.use("triton"), pytest.raises(RuntimeError, match="float16/bfloat16/float32"):
+        fastbig.ops.attention(q, k, v)
+    with backends.use("cuda"), pytest.raises(RuntimeError, match="backend 'cuda'"):
+        fastbig.ops.attention(q, k, v)
+    with backends.use("reference"):
+        out = fastbig.ops.attention(q, k, v, causal=True)
+    assert rel_err(out, ref.attention(q, k, v, causal=True)) < 1e-12
+
+
+def test_dropout_cpu_path_statistics():
+    # SDPA's dropout on the auto/CPU path: right rate, reproducible from torch's seed
+    q, k, v = _inputs(1, 1, 1, 8, 400, 16, torch.float32, device="cpu")
+    v1 = torch.ones_like(v)
+    torch.manual_seed(3)
+    out = fastbig.ops.attention(q, k, v1, dropout_p=0.5)
+    torch.manual_seed(3)
+    assert torch.equal(out, fastbig.ops.attention(q, k, v1, dropout_p=0.5))
+    assert abs(out.mean().item() - 1.0) < 0.15  # E[kept * 2] = 1 for each row
+
+
+# ---------------------------------------------------------------------------------------------
+# scaled_dot_product_attention, MultiheadAttention, SelfAttention
+# ---------------------------------------------------------------------------------------------
+SDPA_CASES = ["4d", "3d", "5d", "gqa", "bool_bcast", "float_mask", "causal_rect", "scale"]
+
+
+@pytest.mark.parametrize("case", SDPA_CASES)
+def test_sdpa_drop_in(case):
+    shp_q, shp_k, kw = (2, 3, 17, 16), (2, 3, 23, 16), {}
+    if case == "3d":
+        shp_q, shp_k = (3, 17, 16), (3, 23, 16)
+    elif case == "5d":
+        shp_q, shp_k = (2, 2, 3, 17, 16), (2, 2, 3, 23, 16)
+    elif case == "gqa":
+        shp_k, kw = (2, 1, 23, 16), {"enable_gqa": True}
+    elif case == "bool_bcast":
+        kw = {"attn_mask": torch.rand(17, 23) > 0.3}
+    elif case == "float_mask":
+        kw = {"attn_mask": torch.randn(2, 1, 17, 23)}
+    elif case == "causal_rect":
+        kw = {"is_causal": True}
+    elif case == "scale":
+        kw = {"scale": 0.5}
+    q = randn(*shp_q, requires_grad=True)
+    k = randn(*shp_k, requires_grad=True)
+    v = randn(*shp_k, requires_grad=True)
+    out = fastbig.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    rq, rk, rv = _f64(q, k, v)
+    rkw = {n: (m.double() if isinstance(m, torch.Tensor) and m.is_floating_point() else m)
+           for n, m in kw.items()}
+    rout = F.scaled_dot_product_attention(rq, rk, rv, **rkw)
+    assert_close(out, rout)
+    for g, rg in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(rout.sum(), (rq, rk, rv))):
+        assert_close(g, rg)
+
+
+def test_sdpa_drop_in_triton(interpret_triton):
+    q = randn(2, 4, 33, 16, requires_grad=True)
+    k = randn(2, 2, 40, 16, requires_grad=True)
+    v = randn(2, 2, 40, 16, requires_grad=True)
+    mask = torch.rand(2, 1, 33, 40) > 0.3
+    out = fastbig.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    rq, rk, rv = _f64(q, k, v)
+    rout = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=mask, enable_gqa=True)
+    assert_close(out, rout, tf32=HAS_CUDA)
+
+
+def test_sdpa_errors_like_torch():
+    q, k, v = randn(1, 2, 5, 8), randn(1, 1, 5, 8), randn(1, 1, 5, 8)
+    with pytest.raises(RuntimeError, match="enable_gqa"):
+        fastbig.nn.functional.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        fastbig.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool),
+                                                           is_causal=True)
+
+
+MHA_CASES = [
+    dict(batch_first=True),
+    dict(batch_first=False, masks="bool"),
+    dict(batch_first=True, masks="float", bias=False),
+    dict(batch_first=False, add_bias_kv=True, add_zero_attn=True, masks="bool"),
+    dict(batch_first=True, kdim=12, vdim=20, masks="kpm"),
+    dict(batch_first=True, masks="causal"),
+]
+
+
+def _build_mha(cfg, cls):
+    kw = {n: cfg[n] for n in ("batch_first", "add_bias_kv", "add_zero_attn", "kdim", "vdim", "bias")
+          if n in cfg}
+    return cls(24, 4, **kw)
+
+
+@pytest.mark.parametrize("cfg", MHA_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_multihead_attention_drop_in(cfg):
+    torch_mha = _build_mha(cfg, torch.nn.MultiheadAttention).double()
+    fb = _build_mha(cfg, fastbig.nn.MultiheadAttention)
+    fb.load_state_dict(torch_mha.state_dict())  # a torch checkpoint loads as it is
+    assert list(fb.state_dict()) == list(torch_mha.state_dict())
+    B, L, S = 3, 11, 13
+    self_attn = "kdim" not in cfg and cfg.get("masks") != "kpm"
+    kdim, vdim = cfg.get("kdim", 24), cfg.get("vdim", 24)
+    x = randn(B, L, 24, requires_grad=True)
+    key = x if self_attn else randn(B, S, kdim, requires_grad=True)
+    val = x if self_attn else randn(B, S, vdim, requires_grad=True)
+    S = key.shape[1]
+    if not cfg["batch_first"]:
+        x, key, val = (t.transpose(0, 1) for t in (x, key, val))
+    fkw = {}
+    masks = cfg.get("masks")
+    if masks == "bool":
+        fkw["attn_mask"] = torch.rand(L, S) > 0.7  # True = not allowed
+        fkw["attn_mask"][:, 0] = False
+        fkw["key_padding_mask"] = torch.zeros(B, S, dtype=torch.bool)
+        fkw["key_padding_mask"][1, -4:] = True
+    elif masks == "float":
+        fkw["attn_mask"] = randn(B * 4, L, S)
+        fkw["key_padding_mask"] = torch.zeros(B, S).masked_fill(torch.rand(B, S) > 0.8, float("-inf"))
+        fkw["key_padding_mask"][:, 0] = 0.0
+    elif masks == "kpm":
+        fkw["key_padding_mask"] = torch.rand(B, S) > 0.7
+        fkw["key_padding_mask"][:, 0] = False
+    elif masks == "causal":
+        fkw["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(L)
+        fkw["is_causal"] = True
+    inputs = [t for t in {id(t): t for t in (x, key, val)}.values()]
+    out, w = fb(x, key, val, need_weights=False, **fkw)
+    assert w is None
+    dkw = {n: (m.double() if m.is_floating_point() else m) if isinstance(m, torch.Tensor) else m
+           for n, m in fkw.items()}
+    rins = _f64(*inputs)
+    rmap = {id(a): b for a, b in zip(inputs, rins)}
+    rout, _ = torch_mha(rmap[id(x)], rmap[id(key)], rmap[id(val)], need_weights=False, **dkw)
+    assert_close(out, rout, name="out")
+    do = randn(*out.shape)
+    params = [p for p in fb.parameters()]
+    g = torch.autograd.grad(out, inputs + params, do)
+    rg = torch.autograd.grad(rout, rins + list(torch_mha.parameters()), do.double())
+    for a, b in zip(g, rg):
+        assert_close(a, b, name="grad")
+
+
+def test_multihead_attention_weights_unbatched_and_train_mode():
+    torch_mha = torch.nn.MultiheadAttention(16, 2, dropout=0.1)
+    fb = fastbig.nn.MultiheadAttention(16, 2, dropout=0.1)
+    fb.load_state_dict(torch_mha.state_dict())
+    fb.eval(), torch_mha.eval()
+    x = randn(7, 3, 16)
+    out, w = fb(x, x, x)  # need_weights=True: torch's weights
+    rout, rw = torch_mha(x, x, x)
+    assert_close(out, rout) and assert_close(w, rw)
+    out, w = fb(x, x, x, average_attn_weights=False)
+    assert w.shape == (3, 2, 7, 7)
+    xu = randn(7, 16)  # unbatched
+    assert_close(fb(xu, xu, xu, need_weights=False)[0], torch_mha(xu, xu, xu, need_weights=False)[0])
+    fb.train()  # dropout active: output differs from eval and stays finite
+    out_t, _ = fb(x, x, x, need_weights=False)
+    assert torch.isfinite(out_t).all() and rel_err(out_t, rout) > 1e-3
+
+
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_self_attention(triton_path, request):
+    if triton_path:
+        request.getfixturevalue("interpret_triton")
+    m = fastbig.nn.SelfAttention(20, causal=True)
+    x = randn(2, 19, 20, requires_grad=True)
+    kpm = torch.zeros(2, 19, dtype=torch.bool)
+    kpm[1, 12:] = True
+    out = m(x, key_padding_mask=kpm)
+    xd = x.detach().double().requires_grad_()
+    md = fastbig.nn.SelfAttention(20, causal=True).double()
+    md.load_state_dict(m.state_dict())
+    qq, kk, vv = md.query(xd), md.key(xd), md.value(xd)
+    s = qq @ kk.transpose(-1, -2) / math.sqrt(20)
+    s = s.masked_fill(torch.ones(19, 19, dtype=torch.bool).triu(1), float("-inf"))
+    s = s.masked_fill(kpm[:, None, :], float("-inf"))
+    rout = torch.softmax(s, -1) @ vv
+    assert_close(out, rout, tf32=HAS_CUDA and triton_path)
+    do = randn(*out.shape)  # (not out.sum(): its gradient for the query bias is exactly 0)
+    g = torch.autograd.grad(out, [x] + list(m.parameters()), do)
+    rg = torch.autograd.grad(rout, [xd] + list(md.parameters()), do.double())
+    for a, b in zip(g, rg):
+        assert_close(a, b, tf32=HAS_CUDA and triton_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: clear errors naming the argument
+# ---------------------------------------------------------------------------------------------
+def _q(*s, dtype=torch.float32):
+    return randn(*s, dtype=dtype)
+
+
+BAD = [
+    ("wrong rank", dict(q=_q(2, 5, 16)), ValueError, "q must be 4-D"),
+    ("head dim", dict(k=_q(1, 2, 7, 8), v=_q(1, 2, 7, 8)), ValueError, "k must have head dim 16"),
+    ("heads", dict(k=_q(1, 3, 7, 16), v=_q(1, 3, 7, 16)), ValueError, "Hq % Hkv"),
+    ("k v shapes", dict(v=_q(1, 2, 6, 16)), ValueError, "k and v must have one shape"),
+    ("dtype", dict(k=_q(1, 2, 7, 16, dtype=torch.float16)), TypeError, "k has dtype"),
+    ("int dtype", dict(q=torch.ones(1, 2, 5, 16, dtype=torch.int32)), TypeError, "q must have a floating"),
+    ("mask shape", dict(attn_mask=torch.ones(5, 6, dtype=torch.bool)), ValueError, "attn_mask must be broadcastable"),
+    ("mask dtype", dict(attn_mask=torch.ones(5, 7, dtype=torch.int64)), TypeError, "attn_mask must be bool"),
+    ("kpm shape", dict(key_padding_mask=torch.ones(1, 6, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
+    ("kpm dtype", dict(key_padding_mask=torch.ones(1, 7)), TypeError, "key_padding_mask must be bool"),
+    ("dropout", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ("window", dict(window=(1, 2, 3)), ValueError, "window"),
+    ("not a tensor", dict(v=[1.0]), TypeError, "v must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,over,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_name_the_argument(name, over, exc, match):
+    args = dict(q=_q(1, 2, 5, 16), k=_q(1, 2, 7, 16), v=_q(1, 2, 7, 16))
+    args.update(over)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    for be in ("auto", "triton") if backends.triton_interpret() or HAS_CUDA else ("auto",):
+        with backends.use(be), pytest.raises(exc, match=match):
+            fastbig.ops.attention(q, k, v, **args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_device_mismatch_names_the_argument():
+    q = randn(1, 2, 5, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="k is on cpu"):
+        fastbig.ops.attention(q, randn(1, 2, 5, 16), randn(1, 2, 5, 16))
+
+
+def test_device_mismatch_mask():
+    q = randn(1, 2, 5, 16)
+    with pytest.raises(RuntimeError, match="attn_mask is on meta"):
+        fastbig.ops.attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool, device="meta"))
+
+
+def test_varlen_bad_inputs():
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case(torch.float32)
+    with pytest.raises(ValueError, match="cu_seqlens_q must rise from 0"):
+        fastbig.ops.attention_varlen(q, k, v, cu_q + 1, cu_k, mq, mk)
+    with pytest.raises(ValueError, match="max_seqlen_k must be at least"):
+        fastbig.ops.attention_varlen(q, k, v, cu_q, cu_k, mq, 3)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be a 1-D int32"):
+        fastbig.ops.attention_varlen(q, k, v, cu_q, cu_k.float(), mq, mk)
+
+
+def test_inputs_are_not_written():
+    q, k, v = _inputs(1, 2, 1, 17, 19, 16, torch.float32)
+    before = [t.detach().clone() for t in (q, k, v)]
+    names = ["auto"] + (["triton"] if HAS_CUDA or backends.triton_interpret() else [])
+    for name in names:
+        with backends.use(name):
+            out = fastbig.ops.attention(q, k, v, causal=True)
+            torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(before, (q, k, v)):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-only: bf16, head dim 256, tf32 bounds (skip without a GPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [16, 80, 128, 256])
+@pytest.mark.parametrize("mode", ["full", "causal", "window_gqa"])
+def test_cuda_kernels(dtype, D, mode):
+    Hkv = 1 if mode == "window_gqa" else 4
+    q, k, v = _inputs(2, 4, Hkv, 1023, 777, D, dtype, device="cuda")
+    kw = {"causal": mode == "causal", "window": (300, 64) if mode == "window_gqa" else None}
+    with backends.use("triton"):
+        _check_against_ref(q, k, v, tf32=True, **kw)
+
+
+@pytest.mark.cuda
+def test_cuda_masks_varlen_dropout():
+    with backends.use("triton"):
+        q, k, v = _inputs(2, 4, 2, 300, 257, 64, torch.bfloat16, device="cuda")
+        mask = randn(2, 1, 300, 257, device="cuda", dtype=torch.bfloat16)
+        kpm = torch.rand(2, 257, device="cuda") > 0.9
+        _check_against_ref(q, k, v, attn_mask=mask, key_padding_mask=kpm, tf32=True)
+        test_varlen_matches_reference(True)
+        test_triton_dropout_matches_reference_with_its_mask(None)
