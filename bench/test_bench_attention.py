@@ -1,0 +1,9 @@
+"""pytest-benchmark suite: the attention cases of fastbig/bench/cases.py (`pytest bench/ --benchmark-only`)."""
+import pytest
+
+from fastbig.bench import suite
+
+
+@pytest.mark.parametrize("case,impl", suite.params("attention"))
+def test_attention(benchmark, case, impl):
+    suite.run(benchmark, case, impl)

@@ -1,0 +1,9 @@
+"""pytest-benchmark suite: the models cases of fastbig/bench/cases.py (`pytest bench/ --benchmark-only`)."""
+import pytest
+
+from fastbig.bench import suite
+
+
+@pytest.mark.parametrize("case,impl", suite.params("models"))
+def test_models(benchmark, case, impl):
+    suite.run(benchmark, case, impl)
