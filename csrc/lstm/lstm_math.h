@@ -8,6 +8,11 @@
 //   da_i = dc_total * g * i (1 - i)      da_f = dc_total * c_prev * f (1 - f)
 //   da_g = dc_total * i * (1 - g^2)      da_o = dh * tanh(c) * o (1 - o)
 //   dc_prev = dc_total * f
+//
+// The formulas are written once, templated on the value type T and on a math policy M that
+// supplies sigmoid and tanh. Scalars (float, double; host or device) use ScalarMath, which calls
+// common/hd.h. The CPU layer loop also instantiates them on an 8-wide SIMD float type with its
+// own vector sigmoid/tanh (lstm_simd.h): the cell algebra stays this one definition.
 #pragma once
 #include "common/hd.h"
 
@@ -19,26 +24,33 @@ struct Gates {
   T i, f, g, o;
 };
 
-// Forward for one (batch, hidden) element. a_*: pre-activations. Writes the activated gates.
 template <typename T>
+struct ScalarMath {
+  static FB_HD T sigmoid(T x) { return fb_sigmoid(x); }
+  static FB_HD T tanh(T x) { return fb_tanh(x); }
+};
+
+// Forward for one (batch, hidden) element. a_*: pre-activations. Writes the activated gates.
+template <typename T, typename M = ScalarMath<T>>
 FB_HD void cell_forward(T a_i, T a_f, T a_g, T a_o, T c_prev, Gates<T>& act, T& c, T& h) {
-  act.i = fb_sigmoid(a_i);
-  act.f = fb_sigmoid(a_f);
-  act.g = fb_tanh(a_g);
-  act.o = fb_sigmoid(a_o);
+  act.i = M::sigmoid(a_i);
+  act.f = M::sigmoid(a_f);
+  act.g = M::tanh(a_g);
+  act.o = M::sigmoid(a_o);
   c = act.f * c_prev + act.i * act.g;
-  h = act.o * fb_tanh(c);
+  h = act.o * M::tanh(c);
 }
 
 // Backward for one element. dh, dc may be zero (an undefined incoming gradient).
-template <typename T>
+template <typename T, typename M = ScalarMath<T>>
 FB_HD void cell_backward(T dh, T dc, const Gates<T>& act, T c_prev, T c, Gates<T>& da, T& dc_prev) {
-  const T tc = fb_tanh(c);
-  const T dct = dc + dh * act.o * (T(1) - tc * tc);
-  da.i = dct * act.g * act.i * (T(1) - act.i);
-  da.f = dct * c_prev * act.f * (T(1) - act.f);
-  da.g = dct * act.i * (T(1) - act.g * act.g);
-  da.o = dh * tc * act.o * (T(1) - act.o);
+  const T one = T(1);
+  const T tc = M::tanh(c);
+  const T dct = dc + dh * act.o * (one - tc * tc);
+  da.i = dct * act.g * act.i * (one - act.i);
+  da.f = dct * c_prev * act.f * (one - act.f);
+  da.g = dct * act.i * (one - act.g * act.g);
+  da.o = dh * tc * act.o * (one - act.o);
   dc_prev = dct * act.f;
 }
 

@@ -2,6 +2,10 @@
 fake impls, autograd, input checks and dispatch to _C or the reference.
 
     lstm_cell(gates, c_prev) -> (h, c)      one fused pointwise step from pre-activation gates
+    lstm(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
+                                            one whole layer, one direction (csrc/lstm/lstm_layer.h):
+                                            input GEMM for all steps, per step one recurrent GEMM
+                                            and one fused pointwise kernel; fused backward
 """
 from __future__ import annotations
 
@@ -70,3 +74,124 @@ def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor):
         return ref.lstm_cell_pointwise(gates, c_prev)
     h, c, _ = torch.ops.fastbig.lstm_cell(gates, c_prev)
     return h, c
+
+
+# ---- the whole-layer op ----------------------------------------------------------------------
+_LAYER = "lstm"
+
+if has_op("lstm_layer"):
+
+    @torch.library.register_fake("fastbig::lstm_layer")
+    def _lstm_layer_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+        N, H, B = x.shape[0], w_ih.shape[0] // 4, h0.shape[0]
+        P = w_hr.shape[0] if w_hr is not None else H
+        hraw = x.new_empty(N, H) if w_hr is not None else x.new_empty(0)
+        return (x.new_empty(N, P), x.new_empty(B, P), x.new_empty(B, H), x.new_empty(N, 4 * H),
+                x.new_empty(N, H), hraw)
+
+    @torch.library.register_fake("fastbig::lstm_layer_backward")
+    def _lstm_layer_backward_fake(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
+                                  reverse, y, act, c_all, hraw):
+        dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty(0)
+        return (x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+                w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), x.new_empty(w_ih.shape[0]), dw_hr)
+
+    def _lstm_layer_setup(ctx, inputs, output):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+        y, _h_n, _c_n, act, c_all, hraw = output
+        ctx.reverse = reverse
+        ctx.has_b = (b_ih is not None, b_hh is not None)
+        ctx.has_proj = w_hr is not None
+        ctx.has_bs = batch_sizes is not None
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, act, c_all, hraw)
+        ctx.mark_non_differentiable(act, c_all, hraw)
+
+    def _lstm_layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _g_act, _g_c_all, _g_hraw):
+        x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, act, c_all, hraw = ctx.saved_tensors
+        if grad_y is None and grad_h_n is None and grad_c_n is None:
+            return (None,) * 10
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastbig.lstm_layer_backward(
+            grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr if ctx.has_proj else None,
+            batch_sizes if ctx.has_bs else None, ctx.reverse, y, act, c_all, hraw)
+        return (dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_b[0] else None, db if ctx.has_b[1] else None,
+                dw_hr if ctx.has_proj else None, None, None)
+
+    torch.library.register_autograd("fastbig::lstm_layer", _lstm_layer_backward,
+                                    setup_context=_lstm_layer_setup)
+
+
+def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
+    check_tensor(_LAYER, "w_ih", w_ih, dim=2)
+    if w_ih.shape[0] % 4 != 0 or w_ih.shape[0] == 0:
+        raise ValueError(f"{_LAYER}: w_ih must be [4*hidden_size, input_size], got {tuple(w_ih.shape)}")
+    H, I = w_ih.shape[0] // 4, w_ih.shape[1]
+    if w_hr is not None:
+        check_tensor(_LAYER, "w_hr", w_hr, dim=2)
+        if not (0 < w_hr.shape[0] < H) or w_hr.shape[1] != H:
+            raise ValueError(f"{_LAYER}: w_hr must be [proj_size, {H}] with 0 < proj_size < {H}, "
+                             f"got {tuple(w_hr.shape)}")
+    P = w_hr.shape[0] if w_hr is not None else H
+    if batch_sizes is None:
+        check_tensor(_LAYER, "x", x, dim=3)
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{_LAYER}: x must be a non-empty [T, B, input_size], got {tuple(x.shape)}")
+    else:
+        check_tensor(_LAYER, "x", x, dim=2)
+        if not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1:
+            raise TypeError(f"{_LAYER}: batch_sizes must be a 1-D int64 tensor, got {batch_sizes!r}")
+        if batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
+            raise TypeError(f"{_LAYER}: batch_sizes must be an int64 CPU tensor (as PackedSequence "
+                            f"keeps it), got {batch_sizes.dtype} on {batch_sizes.device}")
+    if x.shape[-1] != I:
+        raise RuntimeError(f"{_LAYER}: input.size(-1) must be equal to input_size. Expected {I}, "
+                           f"got {x.shape[-1]}")
+    check_tensor(_LAYER, "h0", h0, dim=2)
+    check_tensor(_LAYER, "c0", c0, dim=2)
+    B = x.shape[1] if batch_sizes is None else h0.shape[0]
+    check_shape(_LAYER, "h0", h0, (B, P))
+    check_shape(_LAYER, "c0", c0, (B, H))
+    check_tensor(_LAYER, "w_hh", w_hh, dim=2)
+    check_shape(_LAYER, "w_hh", w_hh, (4 * H, P))
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            check_tensor(_LAYER, name, b, dim=1)
+            check_shape(_LAYER, name, b, (4 * H,))
+    check_same(_LAYER, "x", x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
+    if batch_sizes is not None and not torch.compiler.is_compiling():
+        bs = batch_sizes.tolist()
+        if (len(bs) == 0 or bs[0] != B or any(b <= 0 for b in bs)
+                or any(b1 > b0 for b0, b1 in zip(bs, bs[1:])) or sum(bs) != x.shape[0]):
+            raise ValueError(f"{_LAYER}: batch_sizes must be positive, non-increasing, start at "
+                             f"B={B} and sum to x.size(0)={x.shape[0]}; got {bs}")
+
+
+def _layer_backend(device) -> str:
+    fast = {}
+    ok = backends.extension_available(device) if has_op("lstm_layer") else (False, "lstm_layer not built")
+    if device.type in ("cuda", "cpu"):
+        fast[device.type] = ok
+    return backends.resolve(_LAYER, device, fast=fast)
+
+
+def lstm(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False):
+    """One LSTM layer, one direction, torch.nn gate order (i, f, g, o).
+
+    x: [T, B, I] time-major, or a PackedSequence's data [N, I] with its ``batch_sizes`` (int64
+    CPU, non-increasing: step t holds the first batch_sizes[t] rows; a row outside a step keeps
+    its h and c, so each sequence stops at its own length). h0 [B, P], c0 [B, H]; w_ih [4H, I],
+    w_hh [4H, P], biases [4H] or None, w_hr [P, H] (proj_size) or None. reverse runs the steps
+    backwards (the reverse direction of a bidirectional layer).
+    Returns y ([T, B, P] or [N, P]), h_n [B, P], c_n [B, H] (each row's last valid step).
+    """
+    _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
+    unpacked = batch_sizes is None
+    x2 = x.reshape(x.shape[0] * x.shape[1], x.shape[2]) if unpacked else x
+    if _layer_backend(x.device) == "reference":
+        y, h_n, c_n = ref.lstm_layer(x2, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=batch_sizes,
+                                     reverse=bool(reverse))
+    else:
+        y, h_n, c_n, _, _, _ = torch.ops.fastbig.lstm_layer(x2, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                            batch_sizes, bool(reverse))
+    if unpacked:
+        y = y.view(x.shape[0], x.shape[1], y.shape[1])
+    return y, h_n, c_n
