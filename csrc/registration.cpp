@@ -18,6 +18,20 @@ TORCH_LIBRARY(fastbig, m) {
   m.def(
       "lstm_cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor act, Tensor c_prev, Tensor c)"
       " -> (Tensor grad_gates, Tensor grad_c_prev)");
+  // A whole LSTM layer, one direction (csrc/lstm/lstm_layer.h). x [N, I] time-major, packed
+  // when batch_sizes (1-D int64 CPU, non-increasing) is given, else N = T*B. h0 [B, P], c0 [B, H];
+  // w_hr [P, H] when proj_size > 0. Returns y [N, P], h_n, c_n and what backward needs: the
+  // activated gates [N, 4H], c of every step [N, H], the unprojected h [N, H] (or [0]).
+  m.def(
+      "lstm_layer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh,"
+      " Tensor? w_hr, Tensor? batch_sizes, bool reverse)"
+      " -> (Tensor y, Tensor h_n, Tensor c_n, Tensor act, Tensor c_all, Tensor hraw)");
+  m.def(
+      "lstm_layer_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor h0, Tensor c0,"
+      " Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, Tensor y, Tensor act,"
+      " Tensor c_all, Tensor hraw)"
+      " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh,"
+      " Tensor grad_b, Tensor grad_w_hr)");
 }
 
 namespace {

@@ -4,3 +4,6 @@ from . import functional  # noqa: F401,E402
 from .attention import MultiheadAttention, SelfAttention  # noqa: F401,E402
 
 __all__ += ["functional", "MultiheadAttention", "SelfAttention"]
+from .lstm import LSTM, LSTMCell  # noqa: F401,E402
+
+__all__ += ["LSTM", "LSTMCell"]

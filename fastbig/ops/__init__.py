@@ -5,3 +5,6 @@ __all__ = ["lstm_cell"]
 from .attention import attention, attention_varlen  # noqa: F401,E402
 
 __all__ += ["attention", "attention_varlen"]
+from .lstm import lstm  # noqa: F401,E402
+
+__all__ += ["lstm"]
