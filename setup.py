@@ -104,7 +104,17 @@ def main():
         )
     print(f"fastbig: building {'CUDA (' + os.environ['TORCH_CUDA_ARCH_LIST'] + ')' if with_cuda else 'CPU-only'} "
           f"extension with MAX_JOBS={os.environ['MAX_JOBS']}", flush=True)
-    setup(ext_modules=[ext], cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)})
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        """Keeps objects in build/temp-{cuda,cpu} even for editable installs (which otherwise
+        build in a fresh temp dir), so ninja rebuilds only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "temp-cuda" if with_cuda else "temp-cpu")
+
+    setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
 
 
 main()
