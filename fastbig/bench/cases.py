@@ -662,8 +662,11 @@ def _no_dropout(m: nn.Module) -> nn.Module:
     return m
 
 
-def model_case(model_name, mode, *, batch=None, compile_ok=True, compile_skip_reason="") -> Case:
-    cls_name, kwargs, shape, default_b = MODEL_SPECS[model_name]
+def model_case(model_name, mode, *, batch=None, compile_ok=True, compile_skip_reason="",
+               kwargs=None, shape=None) -> Case:
+    cls_name, kw, shp, default_b = MODEL_SPECS[model_name]
+    kwargs = kw if kwargs is None else kwargs
+    shape = shp if shape is None else shape
     B = batch or default_b
     bwd = mode == "fwd+bwd"
 
@@ -855,5 +858,6 @@ def _smoke_cases(op) -> List[Case]:
     if op == "conv_bn_relu":
         return [conv_case(2, 3, 4, 9, 3, "fwd+bwd", **no), bn_act_case(2, 3, 5, **no)]
     if op == "models":
-        return [model_case("MNISTNet", "fwd+bwd", batch=2, **no)]
+        return [model_case("MNISTNet", "fwd+bwd", batch=2, kwargs=dict(image_size=8),
+                           shape=(1, 8, 8), **no)]
     raise ValueError(op)

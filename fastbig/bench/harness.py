@@ -339,8 +339,16 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         dtypes.append(DTYPES[n])
+    threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, device, ops, dtypes)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, device, ops, dtypes) -> int:
     out_dir = args.out or report.default_out_dir()
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -360,7 +368,7 @@ def main(argv=None) -> int:
         return 2
 
     print(f"fastbig bench: measuring the roof of {device} ...", file=sys.stderr, flush=True)
-    roof = roof_mod.roof(device, quick=args.quick or args.smoke)
+    roof = roof_mod.roof(device, quick=args.quick, smoke=args.smoke)
     meta = metadata(device, args, roof)
     work = [(c, dt) for dt in dtypes for c in all_cases]
     prog = Progress(sum(_steps(c, device, args.impl) for c, _ in work))

@@ -82,11 +82,14 @@ def measure(device: str, *, n: int = 2048, copy_mb: int = 256, reps: int = 3) ->
             "copy_into_bytes_per_s": copy_bw, "copy_mb": copy_mb}
 
 
-def roof(device: str, *, quick: bool = False) -> dict:
+def roof(device: str, *, quick: bool = False, smoke: bool = False) -> dict:
     """The roof the report compares against, with where each number came from."""
     name = device_name(device)
     out = {"device_name": name, "threads": torch.get_num_threads()}
-    meas = measure(device, n=1536 if quick else 2048, copy_mb=128 if quick else 256)
+    if smoke:
+        meas = measure(device, n=512, copy_mb=16, reps=2)
+    else:
+        meas = measure(device, n=1536 if quick else 2048, copy_mb=128 if quick else 256)
     out["measured"] = meas
     peak = datasheet_peak(name) if device == "cuda" else None
     if peak is not None:

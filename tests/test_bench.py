@@ -1,0 +1,341 @@
+"""The benchmark harness (fastbig/bench): its correctness gate, timing, work counts, results
+files, CLI errors, the O(S) memory claim of attention, and bench/gpu_run.sh's argument handling.
+One tiny smoke run of the whole harness; no real benchmark runs here."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import conftest
+from fastbig.bench import cases, harness, report, roof, suite, timing
+from fastbig.bench.cases import Case, Goal, Impl, NotAvailable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_RUN = os.path.join(ROOT, "bench", "gpu_run.sh")
+
+
+# ---- tolerances and work counts -----------------------------------------------------------
+def test_tolerances_are_conftests():
+    assert cases.TOL == conftest.TOL
+    assert cases.TOL_TRITON_TF32 == conftest.TOL_TRITON_TF32
+    assert cases.tolerance(torch.float32, "cpu") == conftest.TOL[torch.float32]
+    assert cases.tolerance(torch.float32, "cuda") == conftest.TOL_TRITON_TF32
+    assert cases.tolerance(torch.bfloat16, "cuda") == conftest.TOL[torch.bfloat16]
+
+
+def test_flop_counts():
+    # attention: 4*B*H*Sq*Sk*D, halved when causal, backward 2.5x the forward
+    assert cases.attention_flops(2, 3, 5, 5, 7, False, "fwd") == 4 * 2 * 3 * 5 * 5 * 7
+    assert cases.attention_flops(2, 3, 5, 5, 7, True, "fwd") == 2 * 2 * 3 * 5 * 5 * 7
+    assert cases.attention_flops(2, 3, 5, 5, 7, True, "fwd+bwd") == 3.5 * 2 * 2 * 3 * 5 * 5 * 7
+    # lstm: 8*B*H*(I+H) a step and layer; layer 2 takes H inputs; backward 2x
+    T, B, I, H = 3, 2, 5, 7
+    one = 8 * B * H * (I + H) * T
+    assert cases.lstm_flops(T, B, I, H, 1, "fwd") == one
+    assert cases.lstm_flops(T, B, I, H, 2, "fwd") == one + 8 * B * H * (H + H) * T
+    assert cases.lstm_flops(T, B, I, H, 1, "fwd+bwd") == 3 * one
+    assert cases.lstm_flops(T, B, I, H, 1, "fwd", bidirectional=True) == 2 * one
+    # conv: 2*N*K*C*R*S*P*Q / groups
+    assert cases.conv_flops(2, 4, 6, 3, 3, 5, 5, 1, "fwd") == 2 * 2 * 6 * 4 * 9 * 25
+    assert cases.conv_flops(2, 4, 6, 3, 3, 5, 5, 2, "fwd") == 2 * 6 * 4 * 9 * 25
+    assert cases.conv_flops(2, 4, 6, 3, 3, 5, 5, 1, "fwd+bwd") == 3 * 2 * 2 * 6 * 4 * 9 * 25
+
+
+def test_issue_shapes_in_the_table():
+    names = {c.key for c in cases.get_cases("all", "cpu")}
+    assert "attention/fwd+bwd B8 H8 S1024 D64 causal" in names
+    assert "attention/fwd B1 H1 S8192 D64 (O(S) memory)" in names
+    assert "lstm/train T100 B64 I256 H256 L2" in names
+    assert "lstm/LSTMCell loop train T100 B64 I256 H256" in names
+    assert "conv_bn_relu/train N32 C64->64 56x56 3x3" in names
+    assert "conv_bn_relu/infer N8 C64->64 56x56 1x1" in {c.key for c in cases.get_cases("all", quick=True)}
+    quick = cases.get_cases("all", "cpu", quick=True)
+    compiled = [c.key for c in quick if c.compile_ok and any(i.compiled for i in c.impls)]
+    assert 1 <= len(compiled) <= 2, compiled           # --quick: compile in one or two cases
+    for c in quick:
+        if not c.compile_ok:
+            assert c.compile_skip_reason
+    with pytest.raises(ValueError, match="op: expected"):
+        cases.get_cases("nope")
+
+
+def test_suites_share_the_table():
+    ids = [p.id for p in suite.params("lstm")]
+    want = [f"{c.name}|{i.name}".replace(" ", "_") for c in cases.get_cases("lstm", quick=True)
+            for i in c.impls if "cpu" in i.devices]
+    assert ids == want and ids
+
+
+def test_kink_safe_grad_only_zeroes_near_the_kink():
+    g = torch.randn(1000, dtype=torch.float64) + 3.0
+    u = torch.linspace(-1, 1, 1000, dtype=torch.float64)
+    out = cases.kink_safe_grad(g.float(), u, torch.float32)
+    near = u.abs() < cases.KINK_MARGIN[torch.float32]
+    assert (out[near] == 0).all() and (out[~near] == g.float()[~near]).all()
+
+
+# ---- timing --------------------------------------------------------------------------------
+def test_quantile():
+    assert timing.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert timing.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+    assert timing.quantile([], 0.5) != timing.quantile([], 0.5)      # nan
+
+
+def test_time_cpu_alternates_rounds():
+    calls = []
+    clock = iter(range(10 ** 6)).__next__        # each clock read is 1 s later: no inner loop
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    res = timing.time_cpu(fns, min_samples=4, max_samples=4, budget_s=0.0, clock=clock,
+                          min_sample_ms=0.0)
+    timed = calls[3:]                            # after one warm-up call each
+    assert timed == list("abc" "bca" "cab" "abc")
+    assert all(len(t.samples_ms) == 4 and t.inner == 1 for t in res.values())
+    assert timing.round_orders(["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
+
+
+def test_peak_memory_cpu_sees_torch_allocations():
+    n = 32 << 20
+    peak, how = timing.peak_memory(lambda: torch.empty(n, dtype=torch.uint8).fill_(1), "cpu")
+    assert peak is not None, how
+    assert n <= peak < 2 * n, peak
+
+
+# ---- the correctness gate ------------------------------------------------------------------
+def _toy_case(impls, goals=()):
+    """y = x @ w (+ its gradient), tiny."""
+    def make(device, dtype, gen):
+        return {"x": cases.randn((5, 3), dtype, device, gen),
+                "w": cases.randn((3, 4), dtype, device, gen), "dtype": dtype}
+
+    def oracle(inp):
+        return [inp["x"] @ inp["w"]]
+    return Case("attention", "toy", "fwd", {}, make, oracle, impls, work=2 * 5 * 3 * 4,
+                eager="eager", goals=list(goals), compile_ok=False, compile_skip_reason="toy")
+
+
+def _impl(name, f, kind="baseline"):
+    return Impl(name, kind, lambda inp: (lambda: f(inp)))
+
+
+def _missing(inp):
+    raise NotAvailable("fastbig.ops.toy is not there yet")
+
+
+def _poke(inp):
+    inp["x"].add_(1.0)            # writes into the caller's tensor
+    return [inp["x"] @ inp["w"]]
+
+
+def _raise(inp):
+    raise RuntimeError("kernel launch failed")
+
+
+def test_gate_wrong_results_post_no_time():
+    impls = [
+        _impl("eager", lambda i: [i["x"] @ i["w"]]),
+        _impl("fastbig", lambda i: [(i["x"] @ i["w"]) * (1 + 1e-6)], kind="fastbig"),
+        _impl("off", lambda i: [(i["x"] @ i["w"]) + 1e-3], kind="fastbig"),
+        _impl("nan", lambda i: [(i["x"] @ i["w"]).fill_(float("nan"))], kind="fastbig"),
+        _impl("shape", lambda i: [(i["x"] @ i["w"])[:2]], kind="fastbig"),
+        _impl("poke", _poke, kind="fastbig"),
+        Impl("missing", "fastbig", _missing),
+        Impl("attr", "fastbig", lambda inp: torch.no_such_thing),
+        _impl("boom", _raise, kind="fastbig"),
+        _impl("compiled", lambda i: [i["x"] @ i["w"]]),
+    ]
+    impls[-1].compiled = True
+    c = _toy_case(impls, goals=[Goal("fastbig", "eager", 0.0), Goal("off", "eager", 1.0)])
+    rec = harness.run_case(c, "cpu", torch.float32, seed=1, quick=True, smoke=True)
+    report.derive(rec, {"flops": 1e9, "bytes_per_s": 1e9})
+    by = {r["impl"]: r for r in rec["impls"]}
+    assert by["eager"]["status"] == "ok" and by["eager"]["err"] < 1e-6
+    assert by["fastbig"]["status"] == "ok" and by["fastbig"]["median_ms"] > 0
+    assert by["off"]["status"] == "WRONG" and by["off"]["err"] > conftest.TOL[torch.float32]
+    assert by["nan"]["status"] == "WRONG" and by["nan"]["err"] == float("inf")
+    assert by["shape"]["status"] == "WRONG" and "shape" in by["shape"]["reason"]
+    assert by["poke"]["status"] == "WRONG" and "inputs" in by["poke"]["reason"]
+    assert by["missing"]["status"] == "not available" and "not there yet" in by["missing"]["reason"]
+    assert by["attr"]["status"] == "not available" and "AttributeError" in by["attr"]["reason"]
+    assert by["boom"]["status"] == "ERROR" and "kernel launch failed" in by["boom"]["reason"]
+    assert by["compiled"]["status"] == "skipped" and by["compiled"]["reason"] == "toy"
+    for n in ("off", "nan", "shape", "poke", "missing", "attr", "boom", "compiled"):
+        assert "median_ms" not in by[n], n                  # no time for them
+        assert by[n]["speedup_vs_eager"] is None
+    assert by["eager"]["speedup_vs_eager"] == 1.0
+    assert by["fastbig"]["speedup_vs_best"] == pytest.approx(
+        by["eager"]["median_ms"] / by["fastbig"]["median_ms"])
+    assert by["fastbig"]["achieved_per_s"] == pytest.approx(120 / (by["fastbig"]["median_ms"] / 1e3))
+    g_ok, g_off = rec["goals"]
+    assert g_ok["met"] is True and g_ok["value"] > 0
+    assert g_off["met"] is None and "WRONG" in g_off["why"]
+    text = report.table({"device": "cpu", "device_name": "x", "threads": 1, "torch": "t",
+                         "roof": {"flops": 1e9, "bytes_per_s": 1e9, "source": "s"},
+                         "timer": "t", "memory_method": "m"}, [rec])
+    assert "WRONG: err=" in text and "not available" in text and ">=0x eager" in text
+
+
+# ---- the whole harness, tiny ---------------------------------------------------------------
+def test_smoke_run_writes_results(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    rc = harness.main(["--smoke", "--op", "all", "--out", str(tmp_path), "--seed", "3",
+                       "--threads", "1"])
+    assert torch.get_num_threads() == threads              # restored
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    assert "== attention" in out and "== lstm" in out and "== conv_bn_relu" in out
+    assert "vs eager" in out and "roof:" in out
+    assert "[" in err and "/" in err                             # the progress bar
+    js = list(tmp_path.glob("cpu-*-smoke.json"))
+    assert len(js) == 1
+    data = json.loads(js[0].read_text())
+    meta = data["meta"]
+    for k in ("device", "device_name", "torch", "triton", "git_commit", "threads", "roof", "date"):
+        assert k in meta, k
+    assert meta["roof"]["flops"] > 0 and meta["roof"]["bytes_per_s"] > 0
+    ops = {c["op"] for c in data["cases"]}
+    assert ops == {"attention", "lstm", "conv_bn_relu", "models"}
+    statuses = {r["status"] for c in data["cases"] for r in c["impls"]}
+    assert statuses <= {"ok", "WRONG", "ERROR", "not available", "skipped"}
+    timed = [r for c in data["cases"] for r in c["impls"] if r["status"] == "ok"]
+    assert timed and all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+                         and r["err"] <= c_tol for r, c_tol in
+                         ((r, conftest.TOL[torch.float32]) for r in timed))
+    baseline_ok = {(c["case"], r["impl"]) for c in data["cases"] for r in c["impls"]
+                   if r["kind"] == "baseline" and r["status"] == "ok"}
+    assert any(i == "sdpa" for _, i in baseline_ok) and any(i == "torch.nn" for _, i in baseline_ok)
+    with open(js[0].with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {"op", "case", "impl", "status", "metric", "value"} <= set(rows[0])
+    assert any(r["metric"] == "median_ms" and r["value"] for r in rows)
+    if "skipped: matplotlib" not in out:
+        assert list(tmp_path.glob("*-attention.png"))
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--op", "bogus"], "--op: expected"),
+    (["--dtype", "int8"], "--dtype: expected"),
+    (["--device", "tpu"], "--device: expected"),
+])
+def test_bad_arguments(argv, msg, capsys, tmp_path):
+    assert harness.main(argv + ["--out", str(tmp_path)]) == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
+    assert harness.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_results_names_and_datasheet():
+    assert report.results_stem({"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3",
+                                "date": "2026-11-23"}) == "cuda-h100-80gb-hbm3-2026-11-23"
+    assert report.results_stem({"device": "cpu", "device_name": "AMD EPYC", "date": "2026-11-23",
+                                "quick": True}) == "cpu-2026-11-23-quick"
+    assert roof.datasheet_peak("NVIDIA H100 80GB HBM3") == (989.0, 3.35)
+    assert roof.datasheet_peak("NVIDIA H200") == (989.0, 4.8)
+    assert roof.datasheet_peak("NVIDIA A100-SXM4-80GB") == (312.0, 2.0)
+    assert roof.datasheet_peak("NVIDIA H100 PCIe") is None
+    assert roof.fmt_rate(1.5e12, "FLOP/s") == "1.5 TFLOP/s"
+
+
+# ---- attention stays O(S) in memory ---------------------------------------------------------
+def test_attention_s8192_memory_is_o_s():
+    att = getattr(fastbig_ops(), "attention", None)
+    if att is None:
+        pytest.skip("fastbig.ops.attention is not there yet")
+    q, k, v = (conftest.randn(1, 1, 8192, 64) for _ in range(3))
+    with fastbig_backends().use("auto"):
+        peak, how = timing.peak_memory(lambda: att(q, k, v), "cpu")
+    assert peak is not None, how
+    # S x S fp32 scores would be 8192**2 * 4 bytes = 256 MiB; the output alone is 2 MiB
+    assert peak < 32 << 20, f"peak extra memory {peak / 2**20:.1f} MiB"
+    out = att(q[:, :, :64], k, v)
+    ref = cases.attention_eager(q[:, :, :64].double(), k.double(), v.double())
+    conftest.assert_close(out, ref, torch.float32)
+
+
+def fastbig_ops():
+    import fastbig
+    return fastbig.ops
+
+
+def fastbig_backends():
+    import fastbig
+    return fastbig.backends
+
+
+# ---- bench/gpu_run.sh ------------------------------------------------------------------------
+def _gpu_run(*args, env=None):
+    e = dict(os.environ)
+    e.pop("OUT", None)
+    e.update(env or {})
+    return subprocess.run(["bash", GPU_RUN, *args], capture_output=True, text=True, env=e,
+                          cwd=ROOT, timeout=120)
+
+
+def test_gpu_run_script_syntax():
+    assert subprocess.run(["bash", "-n", GPU_RUN]).returncode == 0
+
+
+def test_gpu_run_dry_run_plans_every_step(tmp_path):
+    r = _gpu_run("--dry-run", env={"OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    o = r.stdout
+    assert "pip install --no-build-isolation --no-deps --no-index -e ." in open(GPU_RUN).read()
+    assert "TORCH_CUDA_ARCH_LIST=" in o
+    assert "pytest tests -m cuda" in o
+    assert f"-m fastbig.bench --device cuda --op all --out {tmp_path}/results" in o
+    assert not list(tmp_path.iterdir())                   # a dry run writes nothing
+    r = _gpu_run("--dry-run", "--quick", "--op", "attention", "--dtype", "float16",
+                 "--out", str(tmp_path / "x"), "--skip-tests")
+    assert r.returncode == 0, r.stderr
+    assert "--op attention --out" in r.stdout and "--quick --dtype float16" in r.stdout
+    assert "-m pytest" not in r.stdout
+    r = _gpu_run("--dry-run", "--cpu", "--skip-build")
+    assert r.returncode == 0 and "--device cpu" in r.stdout and "build" not in r.stdout.split("root=")[0]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--bogus"], "unknown argument: --bogus"),
+    (["--out"], "--out needs a value"),
+    (["--op", "nope", "--dry-run"], "--op: expected"),
+])
+def test_gpu_run_bad_arguments(args, msg):
+    r = _gpu_run(*args)
+    assert r.returncode == 2 and msg in r.stderr
+
+
+def test_gpu_run_help_and_no_gpu():
+    r = _gpu_run("--help")
+    assert r.returncode == 0 and "usage: bash bench/gpu_run.sh" in r.stdout
+    if not torch.cuda.is_available():
+        r = _gpu_run()
+        assert r.returncode == 2 and "no CUDA GPU" in r.stderr
+
+
+# ---- on a GPU --------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_cuda_smoke_run(tmp_path, capsys):
+    rc = harness.main(["--smoke", "--device", "cuda", "--op", "attention,lstm,conv_bn_relu",
+                       "--dtype", "float16", "--out", str(tmp_path), "--no-plot"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    data = json.loads(next(tmp_path.glob("cuda-*.json")).read_text())
+    timed = [r for c in data["cases"] for r in c["impls"] if r["status"] == "ok"]
+    assert timed and all(r["median_ms"] > 0 and r["peak_mem_bytes"] is not None for r in timed)
+    assert "do_bench" in timed[0]["timer"] or "CUDA events" in timed[0]["timer"]
+
+
+@pytest.mark.cuda
+def test_cuda_timer_fallback_matches_do_bench():
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    own = timing._cuda_events_all(lambda: x @ x, 5, 30)
+    tri = timing._do_bench_all(lambda: x @ x, 5, 30)
+    assert own and min(own) > 0
+    if tri is not None:
+        assert 0.3 < timing.quantile(own, 0.5) / timing.quantile(tri, 0.5) < 3.0
