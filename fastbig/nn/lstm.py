@@ -1,8 +1,11 @@
 """Drop-in torch.nn.LSTM and torch.nn.LSTMCell on fastbig's fused ops.
 
-Both subclass their torch.nn twin and override only forward, so the constructor, the
-parameters, the state_dict keys (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0,
-weight_hr_l0, *_reverse), flatten_parameters and the argument checks are torch's own.
+LSTM is torch.nn.RNNBase("LSTM", ...) exactly as torch.nn.LSTM builds itself, with LSTM's own
+argument checks; LSTMCell subclasses torch.nn.LSTMCell. So the constructor, the parameters,
+the state_dict keys (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, weight_hr_l0,
+*_reverse), flatten_parameters and the error messages are torch's own; only forward differs.
+(LSTM is not a torch.nn.LSTM subclass on purpose: torch.compile refuses to trace any
+isinstance(m, torch.nn.LSTM) module unless torch._dynamo.config.allow_rnn is set.)
 """
 from __future__ import annotations
 
@@ -15,8 +18,19 @@ from .. import ops
 __all__ = ["LSTM", "LSTMCell"]
 
 
-class LSTM(torch.nn.LSTM):
-    """torch.nn.LSTM whose layers run fastbig.ops.lstm (one fused op per layer and direction)."""
+class LSTM(torch.nn.RNNBase):
+    """torch.nn.LSTM whose layers run fastbig.ops.lstm (one fused op per layer and direction).
+
+    Same constructor as torch.nn.LSTM: (input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
+    check_forward_args = torch.nn.LSTM.check_forward_args
+    permute_hidden = torch.nn.LSTM.permute_hidden
 
     def _layer_weights(self, layer: int, direction: int):
         sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
