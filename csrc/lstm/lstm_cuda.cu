@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "lstm/lstm_cell.h"
+#include "lstm/lstm_layer.h"
 #include "lstm/lstm_math.h"
 
 namespace fastbig {
@@ -113,6 +114,104 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_backward_cuda(const c10::optional<a
   return {da, dcp};
 }
 
+
+// ---- whole-layer op: per-step fused pointwise kernels (the driver is lstm_layer.h) ----------
+// One thread per (row b, unit j) of the step; gate loads of a warp are coalesced along j.
+// c_prev of row b comes from the previous step's c (b < n_a) or from c0 (rows joining now).
+template <typename scalar_t, typename acc_t>
+__global__ void layer_forward_kernel(scalar_t* __restrict__ gates, const scalar_t* __restrict__ cprev_a,
+                                     int64_t n_a, const scalar_t* __restrict__ c0, scalar_t* __restrict__ c_out,
+                                     scalar_t* __restrict__ h_out, int64_t n, int64_t H) {
+  const int64_t total = n * H;
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = k / H, j = k - b * H;
+    scalar_t* g = gates + b * 4 * H;
+    const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
+    Gates<acc_t> a;
+    acc_t cv, hv;
+    cell_forward<acc_t>(acc_t(g[j]), acc_t(g[H + j]), acc_t(g[2 * H + j]), acc_t(g[3 * H + j]), cp, a, cv, hv);
+    g[j] = scalar_t(a.i);
+    g[H + j] = scalar_t(a.f);
+    g[2 * H + j] = scalar_t(a.g);
+    g[3 * H + j] = scalar_t(a.o);
+    c_out[k] = scalar_t(cv);
+    h_out[k] = scalar_t(hv);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void layer_backward_kernel(const scalar_t* __restrict__ dh_a, const scalar_t* __restrict__ dh_b,
+                                      scalar_t* __restrict__ dc, const scalar_t* __restrict__ act,
+                                      const scalar_t* __restrict__ cprev_a, int64_t n_a,
+                                      const scalar_t* __restrict__ c0, const scalar_t* __restrict__ c,
+                                      scalar_t* __restrict__ dgates, int64_t n, int64_t H) {
+  const int64_t total = n * H;
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = k / H, j = k - b * H;
+    const scalar_t* ab = act + b * 4 * H;
+    Gates<acc_t> a{acc_t(ab[j]), acc_t(ab[H + j]), acc_t(ab[2 * H + j]), acc_t(ab[3 * H + j])};
+    const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
+    const acc_t dh = acc_t(dh_a[k]) + (dh_b ? acc_t(dh_b[k]) : acc_t(0));
+    Gates<acc_t> d;
+    acc_t dcp;
+    cell_backward<acc_t>(dh, acc_t(dc[k]), a, cp, acc_t(c[k]), d, dcp);
+    scalar_t* db = dgates + b * 4 * H;
+    db[j] = scalar_t(d.i);
+    db[H + j] = scalar_t(d.f);
+    db[2 * H + j] = scalar_t(d.g);
+    db[3 * H + j] = scalar_t(d.o);
+    dc[k] = scalar_t(dcp);
+  }
+}
+
+void layer_fwd_pointwise_cuda(at::ScalarType st, const FwdStep& s) {
+  if (s.n * s.H == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "lstm_layer_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    layer_forward_kernel<scalar_t, acc_t><<<grid_for(s.n * s.H), kThreads, 0, stream>>>(
+        static_cast<scalar_t*>(s.gates), static_cast<const scalar_t*>(s.cprev_a), s.n_a,
+        static_cast<const scalar_t*>(s.c0), static_cast<scalar_t*>(s.c_out), static_cast<scalar_t*>(s.h_out), s.n,
+        s.H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void layer_bwd_pointwise_cuda(at::ScalarType st, const BwdStep& s) {
+  if (s.n * s.H == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "lstm_layer_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    layer_backward_kernel<scalar_t, acc_t><<<grid_for(s.n * s.H), kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(s.dh_a), static_cast<const scalar_t*>(s.dh_b), static_cast<scalar_t*>(s.dc),
+        static_cast<const scalar_t*>(s.act), static_cast<const scalar_t*>(s.cprev_a), s.n_a,
+        static_cast<const scalar_t*>(s.c0), static_cast<const scalar_t*>(s.c), static_cast<scalar_t*>(s.dgates),
+        s.n, s.H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cuda(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse) {
+  TORCH_CHECK(x.is_cuda(), "fastbig::lstm_layer (cuda): x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, &layer_fwd_pointwise_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_cuda(
+    const c10::optional<at::Tensor>& grad_y, const c10::optional<at::Tensor>& grad_hn,
+    const c10::optional<at::Tensor>& grad_cn, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, const at::Tensor& y, const at::Tensor& act,
+    const at::Tensor& c_all, const at::Tensor& hraw) {
+  TORCH_CHECK(x.is_cuda(), "fastbig::lstm_layer_backward (cuda): x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return layer_backward(grad_y, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, y, act, c_all,
+                        hraw, &layer_bwd_pointwise_cuda);
+}
+
 }  // namespace
 }  // namespace lstm
 }  // namespace fastbig
@@ -120,4 +219,6 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_backward_cuda(const c10::optional<a
 TORCH_LIBRARY_IMPL(fastbig, CUDA, m) {
   m.impl("lstm_cell", &fastbig::lstm::lstm_cell_cuda);
   m.impl("lstm_cell_backward", &fastbig::lstm::lstm_cell_backward_cuda);
+  m.impl("lstm_layer", &fastbig::lstm::lstm_layer_cuda);
+  m.impl("lstm_layer_backward", &fastbig::lstm::lstm_layer_backward_cuda);
 }
