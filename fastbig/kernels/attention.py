@@ -391,8 +391,10 @@ def _dropout_mask_kernel(Keep, H, SQ, SK, seed, drop_stride, dropout_p,
 # ---------------------------------------------------------------------------------------------
 def _fwd_configs():
     cfgs = []
+    # Big tiles for fp16/bf16 at D <= 128; the small ones are what fits fp32 or D = 256 in shared
+    # memory (checked by compiling for sm_90: fp32 D=256 (64, 32, 4, 1) needs 96 KiB).
     for bm, bn, w, s in [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4),
-                         (128, 32, 4, 4), (64, 32, 4, 3)]:
+                         (128, 32, 4, 4), (64, 32, 4, 3), (64, 32, 4, 1), (32, 32, 4, 2)]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
     return cfgs
 
@@ -400,13 +402,14 @@ def _fwd_configs():
 def _bwd_configs():
     cfgs = []
     for bm, bn, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3),
-                         (64, 32, 4, 3), (32, 32, 4, 2)]:
+                         (64, 32, 4, 3), (32, 32, 4, 2), (32, 32, 4, 1)]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
     return cfgs
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles whose register/shared footprint is hopeless for wide heads."""
+    """Drop tiles whose register/shared footprint is hopeless for wide heads (configs that still
+    exceed shared memory fail to launch and the autotuner skips them)."""
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     if bd <= 64:
         return configs
