@@ -247,6 +247,13 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def metadata(device: str, args, roof: dict) -> dict:
     try:
         import triton
@@ -267,7 +274,8 @@ def metadata(device: str, args, roof: dict) -> dict:
         "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
         "python": platform.python_version(), "platform": platform.platform(),
         "fastbig": fb_v, "fastbig_build": build, "git_commit": _git_commit(),
-        "threads": torch.get_num_threads(), "roof": roof,
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "loadavg_start": loadavg(), "roof": roof,
         "date": now.strftime("%Y-%m-%d"), "time_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "quick": bool(args.quick), "smoke": bool(args.smoke), "argv": list(args.argv),
         "timer": ("CUDA events, warm-up, L2 flush, median of many (triton.testing.do_bench), "
@@ -339,6 +347,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         dtypes.append(DTYPES[n])
+    # torch.backends.mkldnn.flags() (the oneDNN-off LSTM baseline) warns about Intel-GPU TF32
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -389,6 +399,7 @@ def _run(args, device, ops, dtypes) -> int:
     for r in recs:
         report.derive(r, roof)
     meta["elapsed_s"] = time.perf_counter() - prog.t0
+    meta["loadavg_end"] = loadavg()
     print(report.table(meta, recs))
     stem = os.path.join(out_dir, report.results_stem(meta))
     report.write_json(stem + ".json", meta, recs)

@@ -40,7 +40,7 @@ def plot_op(op: str, cases: List[dict], path: str) -> str:
     ax.set_xticks(range(n))
     ax.set_xticklabels([f"{c['case']}\n{c['dtype']}" for c in mine], rotation=30, ha="right",
                        fontsize=7)
-    ax.set_ylabel("speed-up vs eager (higher is better)")
+    ax.set_ylabel("speed-up vs the case's eager (higher is better)")
     ax.set_title(f"fastbig bench: {op}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -110,6 +110,10 @@ def table(meta: dict, cases: List[dict]) -> str:
         "errors: ||out - ref|| / ||ref|| vs the float64 oracle (max over outputs and gradients); "
         "a result over tolerance posts no time",
     ]
+    loads = [x for x in (meta.get("loadavg_start"), meta.get("loadavg_end")) if x is not None]
+    if loads and meta.get("cpu_count") and max(loads) > meta["cpu_count"]:
+        lines.append(f"WARNING: load average {max(loads):.1f} on {meta['cpu_count']} CPUs during the "
+                     f"run: other work shared the machine, CPU timings are noisy (see p20..p80)")
     hdr = (f"  {'implementation':<18} {'median ms':>10} {'p20..p80 ms':>19} {'vs eager':>9} "
            f"{'vs best':>8} {'achieved (of roof)':>24} {'peak mem':>10}  status / goal")
     for c in cases:
