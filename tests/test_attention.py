@@ -126,6 +126,16 @@ def test_triton_masks(interpret_triton, kind):
     _check_against_ref(q, k, v, mask_grad=mask_grad, tf32=HAS_CUDA, **kw)
 
 
+def test_triton_strided_inputs(interpret_triton):
+    # q/k/v as [B, S, H, D] memory seen through transposes (what MultiheadAttention passes)
+    B, H, Sq, Sk, D = 2, 2, 29, 35, 48
+    q = randn(B, Sq, H, D, device=DEV).transpose(1, 2).requires_grad_()
+    k = randn(B, Sk, 1, D, device=DEV).transpose(1, 2).requires_grad_()
+    v = randn(B, Sk, 1, D, device=DEV).transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous()
+    _check_against_ref(q, k, v, causal=True, tf32=HAS_CUDA)
+
+
 def test_triton_fully_masked_rows(interpret_triton):
     B, H, Sq, Sk, D = 2, 2, 20, 24, 16
     q, k, v = _inputs(B, H, H, Sq, Sk, D, torch.float32)

@@ -72,7 +72,8 @@ def _score_tile(q, k, b, h, offs_m, offs_n, q_len, k_len, qk_scale2,
         kp = tl.load(Kpm + b * skpb + offs_n * skpn, mask=offs_n < k_len, other=1)
         valid = valid & (kp == 0)[None, :]
     if HAS_MASK:
-        mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+        mptr = (Mask + b * smb + h.to(tl.int64) * smh + offs_m.to(tl.int64)[:, None] * smm
+                + offs_n[None, :] * smn)
         inb = (offs_m < q_len)[:, None] & (offs_n < k_len)[None, :]
         if MASK_BOOL:
             mv = tl.load(mptr, mask=inb, other=0)
@@ -366,7 +367,8 @@ def _attn_bwd_dq_kernel(
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if STORE_DMASK:  # d(loss)/d(additive mask) = dS, written once per (b, h, m, n)
-            gptr = DMask + b64 * sgb + h * sgh + offs_m[:, None] * sgm + offs_n[None, :] * sgn
+            gptr = (DMask + b64 * sgb + h.to(tl.int64) * sgh + offs_m.to(tl.int64)[:, None] * sgm
+                    + offs_n[None, :] * sgn)
             tl.store(gptr, ds, mask=m_ok[:, None] & (offs_n < k_len)[None, :])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dq = dq * scale
