@@ -97,6 +97,20 @@ def test_time_cpu_alternates_rounds():
     assert timing.round_orders(["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
 
 
+def test_time_cpu_drops_an_implementation_that_raises():
+    n = {"calls": 0}
+
+    def flaky():
+        n["calls"] += 1
+        if n["calls"] > 2:
+            raise RuntimeError("second call failed")
+
+    res = timing.time_cpu({"ok": lambda: None, "flaky": flaky}, min_samples=3, max_samples=3,
+                          budget_s=0.0, min_sample_ms=0.0)
+    assert len(res["ok"].samples_ms) == 3 and not res["ok"].error
+    assert res["flaky"].error.startswith("RuntimeError") and not res["flaky"].samples_ms
+
+
 def test_peak_memory_cpu_sees_torch_allocations():
     n = 32 << 20
     peak, how = timing.peak_memory(lambda: torch.empty(n, dtype=torch.uint8).fill_(1), "cpu")

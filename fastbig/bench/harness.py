@@ -215,6 +215,11 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
                                  max_samples=5 if smoke else (30 if quick else 100),
                                  budget_s=0.0 if smoke else (0.4 if quick else 3.0))
         for n, t in tm.items():
+            if t.error:                  # passed its check, then failed while timed
+                by_name[n].update(status="ERROR" if by_name[n]["kind"] != "baseline"
+                                  else "not available", reason=f"while timing: {t.error}")
+                runners.pop(n)
+                continue
             by_name[n].update(median_ms=t.median, p20_ms=t.p20, p80_ms=t.p80,
                               n_samples=len(t.samples_ms), samples_ms=t.samples_ms,
                               calls_per_sample=t.inner, timer=t.timer)

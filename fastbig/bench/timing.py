@@ -30,6 +30,7 @@ class Timing:
     samples_ms: List[float] = field(default_factory=list)
     inner: int = 1          # calls averaged per sample
     timer: str = ""
+    error: str = ""         # set when a call raised: no further samples for it
 
     @property
     def median(self) -> float:
@@ -72,36 +73,51 @@ def time_cpu(fns: Dict[str, Callable[[], object]], *, min_samples: int = 5, max_
              on_round: Optional[Callable[[int], None]] = None,
              clock: Callable[[], float] = time.perf_counter) -> Dict[str, Timing]:
     """Time each function in alternating rounds. ``budget_s`` is per implementation."""
-    names = list(fns)
-    out = {n: Timing(timer="cpu perf_counter, alternating rounds") for n in names}
-    if not names:
-        return out
-    for n in names:                      # warm-up, and the size of one call
-        for _ in range(max(0, warmup - 1)):
+    out = {n: Timing(timer="cpu perf_counter, alternating rounds") for n in fns}
+    names = []
+    for n in fns:                        # warm-up, and the size of one call
+        try:
+            for _ in range(max(0, warmup - 1)):
+                fns[n]()
+            t0 = clock()
             fns[n]()
-        t0 = clock()
-        fns[n]()
-        one = (clock() - t0) * 1e3
+            one = (clock() - t0) * 1e3
+        except Exception as e:
+            out[n].error = _err(e)
+            continue
         out[n].inner = max(1, int(math.ceil(min_sample_ms / max(one, 1e-6)))) if one < min_sample_ms else 1
+        names.append(n)
     start = clock()
     r = 0
-    while True:
+    while names:
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             k = out[n].inner
-            t0 = clock()
-            for _ in range(k):
-                fns[n]()
-            out[n].samples_ms.append((clock() - t0) * 1e3 / k)
+            try:
+                t0 = clock()
+                for _ in range(k):
+                    fns[n]()
+                out[n].samples_ms.append((clock() - t0) * 1e3 / k)
+            except Exception as e:       # drop it, keep timing the others
+                out[n].error = _err(e)
+                out[n].samples_ms.clear()
+                names.remove(n)
         r += 1
         if on_round is not None:
             on_round(r)
-        done = min(len(t.samples_ms) for t in out.values())
+        if not names:
+            break
+        done = min(len(out[n].samples_ms) for n in names)
         if done >= max_samples:
             break
         if done >= min_samples and clock() - start >= budget_s * len(names):
             break
     return out
+
+
+def _err(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def _do_bench_all(fn, warmup_ms: float, rep_ms: float) -> Optional[List[float]]:
@@ -151,12 +167,19 @@ def time_cuda(fns: Dict[str, Callable[[], object]], *, rounds: int = 3, warmup_m
     out = {n: Timing() for n in names}
     for r, order in enumerate(round_orders(names, rounds)):
         for n in order:
-            res = _do_bench_all(fns[n], warmup_ms, rep_ms)
-            if res is None:
-                res = _cuda_events_all(fns[n], warmup_ms, rep_ms)
-                out[n].timer = "CUDA events + L2 flush (own loop), alternating rounds"
-            else:
-                out[n].timer = "triton.testing.do_bench (CUDA events + L2 flush), alternating rounds"
+            if out[n].error:
+                continue
+            try:
+                res = _do_bench_all(fns[n], warmup_ms, rep_ms)
+                if res is None:
+                    res = _cuda_events_all(fns[n], warmup_ms, rep_ms)
+                    out[n].timer = "CUDA events + L2 flush (own loop), alternating rounds"
+                else:
+                    out[n].timer = "triton.testing.do_bench (CUDA events + L2 flush), alternating rounds"
+            except Exception as e:
+                out[n].error = _err(e)
+                out[n].samples_ms.clear()
+                continue
             out[n].samples_ms.extend(res)
         if on_round is not None:
             on_round(r + 1)
