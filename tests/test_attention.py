@@ -637,3 +637,24 @@ def test_kernels_compile_for_sm90():
                          timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok ") == 9, res.stdout
+
+
+def test_import_and_cpu_path_without_triton():
+    # `import fastbig` must not need triton; the CPU path must still run, and forcing triton
+    # must say why it cannot.
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, fastbig\n"
+            "q = torch.randn(1, 2, 5, 16)\n"
+            "assert fastbig.ops.attention(q, q, q, causal=True).shape == q.shape\n"
+            "try:\n"
+            "    with fastbig.backends.use('triton'):\n"
+            "        fastbig.ops.attention(q, q, q)\n"
+            "    raise SystemExit('forced triton ran without triton')\n"
+            "except RuntimeError as e:\n"
+            "    assert 'triton is not importable' in str(e), e\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
