@@ -858,7 +858,7 @@ def _smoke_cases(op) -> List[Case]:
     """Tiny shapes for the test suite: every code path, in a second."""
     no = dict(compile_ok=False, compile_skip_reason="smoke run: no torch.compile")
     if op == "attention":
-        return [attention_case(1, 2, 17, 8, True, "fwd+bwd", goals=[Goal("fastbig", "sdpa", 0.95)],
+        return [attention_case(1, 2, 17, 16, True, "fwd+bwd", goals=[Goal("fastbig", "sdpa", 0.95)],
                                **no)]
     if op == "lstm":
         return [lstm_case(3, 2, 5, 7, 1, "fwd+bwd", goals=[Goal("fastbig", "torch.nn", 1.0)], **no),

@@ -205,15 +205,20 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
     # ---- timing, in alternating rounds ----
     by_name = {r["impl"]: r for r in rec["impls"]}
     if runners:
-        step(f"timing {len(runners)} implementations")
+        what = f"timing {len(runners)} implementations"
+        step(what)
+
+        def on_round(r):
+            step(f"{what}, round {r} done")
         if device == "cuda":
             tm = timing.time_cuda(runners, rounds=2 if (quick or smoke) else 3,
                                   rep_ms=20 if smoke else (50 if quick else 100),
-                                  warmup_ms=5 if smoke else 25)
+                                  warmup_ms=5 if smoke else 25, on_round=on_round)
         else:
             tm = timing.time_cpu(runners, min_samples=2 if smoke else (3 if quick else 7),
                                  max_samples=5 if smoke else (30 if quick else 100),
-                                 budget_s=0.0 if smoke else (0.4 if quick else 3.0))
+                                 budget_s=0.0 if smoke else (0.4 if quick else 3.0),
+                                 on_round=on_round)
         for n, t in tm.items():
             if t.error:                  # passed its check, then failed while timed
                 by_name[n].update(status="ERROR" if by_name[n]["kind"] != "baseline"
