@@ -102,7 +102,8 @@ def test_triton_window_and_causal(interpret_triton, window):
     _check_against_ref(q, k, v, window=window, causal=window[1] == 5, tf32=HAS_CUDA)
 
 
-@pytest.mark.parametrize("kind", ["bool_b1", "bool_2d", "add_1h", "add_full", "kpm", "kpm+add"])
+@pytest.mark.parametrize("kind", ["bool_b1", "bool_2d", "bool_rows", "add_1h", "add_full", "kpm",
+                                  "kpm+add"])
 def test_triton_masks(interpret_triton, kind):
     B, H, Sq, Sk, D = 2, 2, 37, 45, 16
     q, k, v = _inputs(B, H, H, Sq, Sk, D, torch.float32)
@@ -111,6 +112,8 @@ def test_triton_masks(interpret_triton, kind):
         kw["attn_mask"] = torch.rand(B, 1, Sq, Sk, device=DEV) > 0.3
     elif kind == "bool_2d":
         kw["attn_mask"] = torch.rand(Sq, Sk, device=DEV) > 0.5
+    elif kind == "bool_rows":  # [B, 1, 1, Sk]: broadcast over heads and queries
+        kw["attn_mask"] = torch.rand(B, 1, 1, Sk, device=DEV) > 0.3
     elif kind == "add_1h":
         kw["attn_mask"] = randn(1, H, Sq, Sk, device=DEV, requires_grad=True)
     elif kind == "add_full":
@@ -253,7 +256,7 @@ def test_torch_compile_fullgraph(name):
         return fastbig.ops.attention(q, k, v, attn_mask=mask, window=(10, None)) * 2
 
     with backends.use(name):
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if name == "triton" else "inductor")
+        compiled = torch.compile(f, fullgraph=True)  # inductor
         out = compiled(q, k, v)
         g = torch.autograd.grad(out.sum(), (q, k, v))
     rq, rk, rv = _f64(q, k, v)
@@ -267,7 +270,8 @@ def test_torch_compile_fullgraph(name):
 # ---------------------------------------------------------------------------------------------
 # The CPU (auto) path and dispatch
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["plain", "causal_gqa", "window", "masks", "fully_masked", "scale"])
+@pytest.mark.parametrize("case", ["plain", "causal_gqa", "window", "masks", "bcast_mask_window",
+                                  "fully_masked", "scale"])
 def test_auto_cpu_path_matches_reference(case):
     B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 33, 47, 24
     q, k, v = _inputs(B, Hq, Hkv if case == "causal_gqa" else Hq, Sq, Sk, D, torch.float32, device="cpu")
@@ -278,6 +282,10 @@ def test_auto_cpu_path_matches_reference(case):
         kw["window"] = (6, 3)
     elif case == "masks":
         kw["attn_mask"] = randn(B, 1, Sq, Sk)
+        kw["key_padding_mask"] = torch.rand(B, Sk) > 0.8
+    elif case == "bcast_mask_window":
+        kw["attn_mask"] = randn(Sq, 1)  # broadcast over keys
+        kw["window"] = (4, 9)
         kw["key_padding_mask"] = torch.rand(B, Sk) > 0.8
     elif case == "fully_masked":
         m = torch.rand(1, Hq, Sq, Sk) > 0.3

@@ -254,11 +254,11 @@ def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scal
         pos = ref.allowed_positions(Sq, Sk, window=(left, right), device=q.device)
         if pos is not None:
             mask = pos if mask is None else (mask & pos if mask.dtype == torch.bool
-                                             else mask.masked_fill(~pos, float("-inf")))
+                                             else torch.where(pos, mask, float("-inf")))
         if key_padding_mask is not None:
             kp = key_padding_mask[:, None, None, :]
             mask = ~kp if mask is None else (mask & ~kp if mask.dtype == torch.bool
-                                             else mask.masked_fill(kp, float("-inf")))
+                                             else torch.where(kp, float("-inf"), mask))
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
     if not return_lse:
