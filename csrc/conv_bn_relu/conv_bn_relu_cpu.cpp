@@ -1,0 +1,397 @@
+// CPU kernels of the fused BatchNorm (batch statistics) + activation that follows a conv.
+// The conv itself stays with ATen (oneDNN); see fastbig/ops/conv_bn_relu.py.
+//
+//   bn_act_forward:   one statistics pass (per-chunk two-pass Welford statistics merged with
+//                     Chan's rule), then one pass z -> y = act((z - m) * gamma * invstd + beta)
+//   bn_act_backward:  one pass for S1 = sum dy', S2 = sum dy' (z - m), one pass for dz
+//   bn_update_running_stats_: BatchNorm2d's running-statistic rule, in place
+// NCHW and channels_last are both read in place (conv_bn_relu.h). The per-element and
+// per-channel arithmetic is conv_bn_relu_math.h and common/welford.h, shared with CUDA.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "common/welford.h"
+#include "conv_bn_relu/conv_bn_relu.h"
+#include "conv_bn_relu/conv_bn_relu_math.h"
+
+namespace fastbig {
+namespace cbr {
+namespace {
+
+// Elements per chunk of a statistics sweep: a chunk stays in L1 for its second pass.
+constexpr int64_t kChunk = 4096;
+// Elements per parallel task (smaller problems run inline: no thread wake-up for tiny work).
+constexpr int64_t kGrainElems = 32768;
+
+// Grain of a loop over channels whose iterations each touch per_channel elements.
+inline int64_t channel_grain(int64_t per_channel) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, per_channel));
+}
+// Grain of a loop over row blocks of block_elems elements each.
+inline int64_t block_grain(int64_t block_elems) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, block_elems));
+}
+
+template <typename acc_t>
+struct ChannelParams {
+  std::vector<acc_t> mean, a, beta;  // u = (z - mean) * a + beta
+};
+
+template <typename scalar_t, typename acc_t>
+ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& invstd,
+                                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                    int64_t C) {
+  ChannelParams<acc_t> p;
+  p.mean.resize(C);
+  p.a.resize(C);
+  p.beta.resize(C);
+  const auto m = mean.contiguous();
+  const auto is = invstd.contiguous();
+  const acc_t* mp = m.data_ptr<acc_t>();
+  const acc_t* ip = is.data_ptr<acc_t>();
+  at::Tensor w, b;
+  if (weight.has_value() && weight->defined()) w = weight->to(m.scalar_type()).contiguous();
+  if (bias.has_value() && bias->defined()) b = bias->to(m.scalar_type()).contiguous();
+  for (int64_t c = 0; c < C; ++c) {
+    p.mean[c] = mp[c];
+    p.a[c] = bn_scale<acc_t>(w.defined() ? w.data_ptr<acc_t>()[c] : acc_t(1), ip[c]);
+    p.beta[c] = b.defined() ? b.data_ptr<acc_t>()[c] : acc_t(0);
+  }
+  return p;
+}
+
+// Mean and m2 of one chunk of len elements by two passes over it (it is in cache for the second).
+template <typename scalar_t, typename acc_t>
+inline Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) s += acc_t(p[i]);
+  const acc_t m = s / acc_t(len);
+  acc_t q = 0;
+#pragma omp simd reduction(+ : q)
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t d = acc_t(p[i]) - m;
+    q += d * d;
+  }
+  return welford_from_chunk<acc_t>(m, q, len);
+}
+
+// ---- statistics -------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+void stats_nchw(const scalar_t* z, int64_t N, int64_t C, int64_t HW, acc_t* mean, acc_t* var) {
+  at::parallel_for(0, C, channel_grain(N * HW), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      Welford<acc_t> w = welford_init<acc_t>();
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* p = z + (n * C + c) * HW;
+        for (int64_t off = 0; off < HW; off += kChunk) {
+          w = welford_merge(w, chunk_stats<scalar_t, acc_t>(p + off, std::min(kChunk, HW - off)));
+        }
+      }
+      mean[c] = w.mean;
+      var[c] = welford_var_biased(w);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void stats_nhwc(const scalar_t* z, int64_t M, int64_t C, acc_t* mean, acc_t* var) {
+  const int64_t rows = std::max<int64_t>(1, kChunk / C);  // rows per block
+  const int64_t nblocks = (M + rows - 1) / rows;
+  std::vector<Welford<acc_t>> part(nblocks * C);
+  at::parallel_for(0, nblocks, block_grain(rows * C), [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> s(C), q(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * rows, r1 = std::min(M, r0 + rows);
+      std::fill(s.begin(), s.end(), acc_t(0));
+      std::fill(q.begin(), q.end(), acc_t(0));
+      acc_t* sp = s.data();
+      acc_t* qp = q.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = z + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) sp[c] += acc_t(row[c]);
+      }
+      const acc_t inv = acc_t(1) / acc_t(r1 - r0);
+      for (int64_t c = 0; c < C; ++c) sp[c] *= inv;  // now the block mean
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = z + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = acc_t(row[c]) - sp[c];
+          qp[c] += d * d;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) part[b * C + c] = welford_from_chunk<acc_t>(sp[c], qp[c], r1 - r0);
+    }
+  });
+  at::parallel_for(0, C, channel_grain(nblocks), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      Welford<acc_t> w = welford_init<acc_t>();
+      for (int64_t b = 0; b < nblocks; ++b) w = welford_merge(w, part[b * C + c]);
+      mean[c] = w.mean;
+      var[c] = welford_var_biased(w);
+    }
+  });
+}
+
+// ---- normalize + affine + activation ------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+void normalize_act(const scalar_t* z, scalar_t* y, Layout layout, int64_t N, int64_t C, int64_t HW,
+                   const ChannelParams<acc_t>& p, int64_t act, acc_t slope) {
+  const acc_t* mp = p.mean.data();
+  const acc_t* ap = p.a.data();
+  const acc_t* bp = p.beta.data();
+  if (layout == Layout::NCHW) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElems / HW), [&](int64_t p0, int64_t p1) {
+      for (int64_t pl = p0; pl < p1; ++pl) {
+        const int64_t c = pl % C;
+        const acc_t m = mp[c], a = ap[c], be = bp[c];
+        const scalar_t* zp = z + pl * HW;
+        scalar_t* yp = y + pl * HW;
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) yp[i] = scalar_t(act_forward(bn_pre(acc_t(zp[i]), m, a, be), act, slope));
+      }
+    });
+  } else {
+    at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* zp = z + r * C;
+        scalar_t* yp = y + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          yp[c] = scalar_t(act_forward(bn_pre(acc_t(zp[c]), mp[c], ap[c], bp[c]), act, slope));
+      }
+    });
+  }
+}
+
+// ---- backward sums: S1 = sum dy', S2 = sum dy' (z - m) --------------------------------------
+template <typename scalar_t, typename acc_t>
+void backward_sums(const scalar_t* dy, const scalar_t* z, Layout layout, int64_t N, int64_t C, int64_t HW,
+                   const ChannelParams<acc_t>& p, int64_t act, acc_t slope, double* s1, double* s2) {
+  const acc_t* mp = p.mean.data();
+  const acc_t* ap = p.a.data();
+  const acc_t* bp = p.beta.data();
+  if (layout == Layout::NCHW) {
+    at::parallel_for(0, C, channel_grain(N * HW), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const acc_t m = mp[c], a = ap[c], be = bp[c];
+        double t1 = 0, t2 = 0;  // across chunks; each chunk sums in acc_t, vectorized
+        for (int64_t n = 0; n < N; ++n) {
+          const scalar_t* zp = z + (n * C + c) * HW;
+          const scalar_t* gp = dy + (n * C + c) * HW;
+          for (int64_t off = 0; off < HW; off += kChunk) {
+            const int64_t len = std::min(kChunk, HW - off);
+            acc_t u1 = 0, u2 = 0;
+#pragma omp simd reduction(+ : u1, u2)
+            for (int64_t i = off; i < off + len; ++i) {
+              const acc_t zv = acc_t(zp[i]);
+              const acc_t g = act_backward(acc_t(gp[i]), bn_pre(zv, m, a, be), act, slope);
+              u1 += g;
+              u2 += g * (zv - m);
+            }
+            t1 += double(u1);
+            t2 += double(u2);
+          }
+        }
+        s1[c] = t1;
+        s2[c] = t2;
+      }
+    });
+  } else {
+    const int64_t M = N * HW;
+    const int64_t rows = std::max<int64_t>(1, kChunk / C);
+    const int64_t nblocks = (M + rows - 1) / rows;
+    std::vector<double> part(nblocks * C * 2);
+    at::parallel_for(0, nblocks, block_grain(rows * C), [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> u(2 * C);
+      acc_t* u1 = u.data();
+      acc_t* u2 = u.data() + C;
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(u.begin(), u.end(), acc_t(0));
+        const int64_t r0 = b * rows, r1 = std::min(M, r0 + rows);
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* zp = z + r * C;
+          const scalar_t* gp = dy + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t zv = acc_t(zp[c]);
+            const acc_t g = act_backward(acc_t(gp[c]), bn_pre(zv, mp[c], ap[c], bp[c]), act, slope);
+            u1[c] += g;
+            u2[c] += g * (zv - mp[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          part[(b * C + c) * 2] = u1[c];
+          part[(b * C + c) * 2 + 1] = u2[c];
+        }
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int64_t c = 0; c < C; ++c) {
+        s1[c] += part[(b * C + c) * 2];
+        s2[c] += part[(b * C + c) * 2 + 1];
+      }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_elem(const scalar_t* dy, const scalar_t* z, scalar_t* dz, Layout layout, int64_t N, int64_t C,
+                   int64_t HW, const ChannelParams<acc_t>& p, const std::vector<BackwardCoeffs<acc_t>>& k,
+                   int64_t act, acc_t slope) {
+  const acc_t* mp = p.mean.data();
+  const acc_t* ap = p.a.data();
+  const acc_t* bp = p.beta.data();
+  if (layout == Layout::NCHW) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElems / HW), [&](int64_t p0, int64_t p1) {
+      for (int64_t pl = p0; pl < p1; ++pl) {
+        const int64_t c = pl % C;
+        const acc_t m = mp[c], a = ap[c], be = bp[c];
+        const BackwardCoeffs<acc_t> kc = k[c];
+        const scalar_t* zp = z + pl * HW;
+        const scalar_t* gp = dy + pl * HW;
+        scalar_t* dp = dz + pl * HW;
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) {
+          const acc_t zv = acc_t(zp[i]);
+          const acc_t g = act_backward(acc_t(gp[i]), bn_pre(zv, m, a, be), act, slope);
+          dp[i] = scalar_t(bn_backward_elem(g, zv, m, kc));
+        }
+      }
+    });
+  } else {
+    std::vector<acc_t> kk(C), gm(C), gpj(C);
+    for (int64_t c = 0; c < C; ++c) {
+      kk[c] = k[c].k;
+      gm[c] = k[c].g_mean;
+      gpj[c] = k[c].g_proj;
+    }
+    const acc_t* kp = kk.data();
+    const acc_t* gmp = gm.data();
+    const acc_t* gjp = gpj.data();
+    at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* zp = z + r * C;
+        const scalar_t* gp = dy + r * C;
+        scalar_t* dp = dz + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t zv = acc_t(zp[c]);
+          const acc_t g = act_backward(acc_t(gp[c]), bn_pre(zv, mp[c], ap[c], bp[c]), act, slope);
+          const BackwardCoeffs<acc_t> kc{kp[c], gmp[c], gjp[c], acc_t(0), acc_t(0)};
+          dp[c] = scalar_t(bn_backward_elem(g, zv, mp[c], kc));
+        }
+      }
+    });
+  }
+}
+
+// ---- the ops ------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
+    const at::Tensor& z_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    double eps, int64_t act, double slope) {
+  check_forward(z_in, weight, bias, eps, act, slope);
+  TORCH_CHECK(z_in.device().is_cpu(), "bn_act_forward (cpu): z must be a CPU tensor");
+  auto [z, layout] = as_kernel_layout(z_in);
+  const int64_t N = z.size(0), C = z.size(1), HW = z.size(2) * z.size(3);
+  const auto acc_opts = z.options().dtype(acc_type_of(z.scalar_type()));
+  auto mean = at::empty({C}, acc_opts);
+  auto var = at::empty({C}, acc_opts);
+  auto invstd = at::empty({C}, acc_opts);
+  auto y = empty_in_layout(z, layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "bn_act_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* vp = var.data_ptr<acc_t>();
+    acc_t* ip = invstd.data_ptr<acc_t>();
+    if (layout == Layout::NCHW) {
+      stats_nchw<scalar_t, acc_t>(z.data_ptr<scalar_t>(), N, C, HW, mp, vp);
+    } else {
+      stats_nhwc<scalar_t, acc_t>(z.data_ptr<scalar_t>(), N * HW, C, mp, vp);
+    }
+    for (int64_t c = 0; c < C; ++c) ip[c] = invstd_of<acc_t>(vp[c], acc_t(eps));
+    const auto p = channel_params<scalar_t, acc_t>(mean, invstd, weight, bias, C);
+    normalize_act<scalar_t, acc_t>(z.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), layout, N, C, HW, p, act,
+                                   acc_t(slope));
+  });
+  return {y, mean, invstd, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& z_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, int64_t act, double slope) {
+  check_backward(dy_in, z_in, mean, invstd, weight, bias, act, slope);
+  TORCH_CHECK(z_in.device().is_cpu(), "bn_act_backward (cpu): z must be a CPU tensor");
+  auto [z, layout] = as_kernel_layout(z_in);
+  const auto dy = in_layout(dy_in.to(z.scalar_type()), layout);
+  const int64_t N = z.size(0), C = z.size(1), HW = z.size(2) * z.size(3);
+  const int64_t n = N * HW;
+  const auto acc_opts = z.options().dtype(acc_type_of(z.scalar_type()));
+  auto dz = empty_in_layout(z, layout);
+  auto dgamma = at::empty({C}, acc_opts);
+  auto dbeta = at::empty({C}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "bn_act_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = channel_params<scalar_t, acc_t>(mean, invstd, weight, bias, C);
+    std::vector<double> s1(C), s2(C);
+    backward_sums<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), layout, N, C, HW, p, act,
+                                   acc_t(slope), s1.data(), s2.data());
+    const auto is = invstd.contiguous();
+    const acc_t* ip = is.data_ptr<acc_t>();
+    at::Tensor w;
+    if (weight.has_value() && weight->defined()) w = weight->to(mean.scalar_type()).contiguous();
+    std::vector<BackwardCoeffs<acc_t>> k(C);
+    acc_t* dgp = dgamma.data_ptr<acc_t>();
+    acc_t* dbp = dbeta.data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = bn_backward_coeffs<acc_t>(acc_t(s1[c]), acc_t(s2[c]), ip[c],
+                                       w.defined() ? w.data_ptr<acc_t>()[c] : acc_t(1), n);
+      dgp[c] = k[c].dgamma;
+      dbp[c] = k[c].dbeta;
+    }
+    backward_elem<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+                                   layout, N, C, HW, p, k, act, acc_t(slope));
+  });
+  return {dz, dgamma, dbeta};
+}
+
+void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
+                                 at::Tensor& num_batches_tracked, const at::Tensor& mean, const at::Tensor& var,
+                                 int64_t count, c10::optional<double> momentum) {
+  check_running(running_mean, running_var, num_batches_tracked, mean, var, count, momentum);
+  TORCH_CHECK(mean.device().is_cpu(), "bn_update_running_stats_ (cpu): tensors must be on the CPU");
+  int64_t* nbt = num_batches_tracked.data_ptr<int64_t>();
+  nbt[0] += 1;
+  const int64_t C = mean.numel();
+  const auto m = mean.contiguous().to(at::kDouble);
+  const auto v = var.contiguous().to(at::kDouble);
+  const double factor = momentum.has_value() ? *momentum : 1.0 / double(nbt[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bn_running_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    const double* mp = m.data_ptr<double>();
+    const double* vp = v.data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t a = acc_t(rm[c]), b = acc_t(rv[c]);
+      running_update<acc_t>(a, b, acc_t(mp[c]), acc_t(vp[c]), count, acc_t(factor));
+      rm[c] = scalar_t(a);
+      rv[c] = scalar_t(b);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cbr
+}  // namespace fastbig
+
+TORCH_LIBRARY_IMPL(fastbig, CPU, m) {
+  m.impl("bn_act_forward", &fastbig::cbr::bn_act_forward_cpu);
+  m.impl("bn_act_backward", &fastbig::cbr::bn_act_backward_cpu);
+  m.impl("bn_update_running_stats_", &fastbig::cbr::bn_update_running_stats_cpu);
+}

@@ -1,0 +1,275 @@
+"""Conv + BatchNorm + activation, whole life in one file: registration (schemas in
+csrc/registration.cpp, CONV-BN section), fake impls, autograd, input checks and dispatch to _C
+or the reference.
+
+    conv_bn_act(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                num_batches_tracked, *, stride, padding, dilation, groups, transposed,
+                output_padding, training, momentum, eps, activation, negative_slope) -> y
+    bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, *, training,
+           momentum, eps, activation, negative_slope) -> y
+
+The convolution stays with ATen (oneDNN / cuDNN) and its backward with autograd; fastbig fuses
+what follows it:
+- batch statistics (training, or no running stats): ``fastbig::bn_act_forward`` makes one
+  Welford statistics pass and one normalize + affine + activation pass; its backward
+  ``fastbig::bn_act_backward`` makes one reduction pass and one elementwise pass, recomputing
+  x_hat and the activation's mask from the saved conv output z. The running statistics are
+  updated in place by ``fastbig::bn_update_running_stats_`` exactly as BatchNorm2d updates them.
+- running statistics (eval): BatchNorm is folded into the conv's weight and bias, then the conv
+  runs and the activation is applied in place to its fresh output (fastbig.nn caches the fold).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from .._extension import has_op
+from ..reference import conv_bn_relu as ref
+from ._checks import check_tensor
+
+_OP = "conv_bn_act"
+ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2}
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_format(z):
+    """The memory format the kernels write: z's own when NCHW or channels_last, else NCHW."""
+    if z.is_contiguous():
+        return torch.contiguous_format
+    if z.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---- registration: fake impls and autograd for the C++ schemas ----------------------------
+if has_op("bn_act_forward"):
+
+    @torch.library.register_fake("fastbig::bn_act_forward")
+    def _bn_act_forward_fake(z, weight, bias, eps, act, negative_slope):
+        C = z.shape[1]
+        acc = _acc_dtype(z.dtype)
+        y = torch.empty_like(z, memory_format=_kernel_format(z))
+        return y, z.new_empty(C, dtype=acc), z.new_empty(C, dtype=acc), z.new_empty(C, dtype=acc)
+
+    @torch.library.register_fake("fastbig::bn_act_backward")
+    def _bn_act_backward_fake(grad_y, z, mean, invstd, weight, bias, act, negative_slope):
+        C = z.shape[1]
+        gz = torch.empty_like(z, memory_format=_kernel_format(z))
+        return gz, z.new_empty(C, dtype=mean.dtype), z.new_empty(C, dtype=mean.dtype)
+
+    @torch.library.register_fake("fastbig::bn_update_running_stats_")
+    def _bn_update_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+        return None
+
+    def _bn_act_setup(ctx, inputs, output):
+        z, weight, bias, _eps, act, slope = inputs
+        _y, mean, invstd, var = output
+        ctx.save_for_backward(z, mean, invstd, weight, bias)
+        ctx.act, ctx.slope = act, slope
+        ctx.mark_non_differentiable(mean, invstd, var)
+
+    def _bn_act_backward(ctx, grad_y, _gm, _gi, _gv):
+        z, mean, invstd, weight, bias = ctx.saved_tensors
+        gz, gw, gb = torch.ops.fastbig.bn_act_backward(grad_y, z, mean, invstd, weight, bias, ctx.act,
+                                                       ctx.slope)
+        gw = gw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return gz, gw, gb, None, None, None
+
+    torch.library.register_autograd("fastbig::bn_act_forward", _bn_act_backward, setup_context=_bn_act_setup)
+
+
+# ---- input checks ---------------------------------------------------------------------------
+def _check_activation(activation, negative_slope):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_OP}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if activation == "leaky_relu":
+        if not isinstance(negative_slope, numbers.Real) or not negative_slope > 0:
+            raise ValueError(f"{_OP}: negative_slope must be a number > 0 for leaky_relu, got {negative_slope!r}")
+
+
+def _check_channel_vec(name, t, C, z):
+    if t is None:
+        return
+    check_tensor(_OP, name, t)
+    if tuple(t.shape) != (C,):
+        raise ValueError(f"{_OP}: {name} must have shape ({C},) (one per channel), got {tuple(t.shape)}")
+    if t.device != z.device:
+        raise RuntimeError(f"{_OP}: {name} is on {t.device} but the input is on {z.device}; "
+                           f"expected all tensors on one device")
+
+
+def _check_bn(z, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+              activation, negative_slope, zname="z"):
+    check_tensor(_OP, zname, z, dim=4)
+    C = z.shape[1]
+    for name, t in (("bn_weight", weight), ("bn_bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_channel_vec(name, t, C, z)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{_OP}: running_mean and running_var must both be given or both be None, got "
+                         f"running_mean={'None' if running_mean is None else 'a tensor'}, "
+                         f"running_var={'None' if running_var is None else 'a tensor'}")
+    if running_mean is not None and running_var.dtype != running_mean.dtype:
+        raise TypeError(f"{_OP}: running_var has dtype {running_var.dtype} but running_mean has "
+                        f"{running_mean.dtype}; expected one dtype")
+    if num_batches_tracked is not None:
+        if not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.dtype != torch.long \
+                or num_batches_tracked.numel() != 1:
+            raise TypeError(f"{_OP}: num_batches_tracked must be a one-element int64 tensor, got "
+                            f"{getattr(num_batches_tracked, 'dtype', type(num_batches_tracked).__name__)}")
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"{_OP}: eps must be a number > 0, got {eps!r}")
+    if momentum is not None and (not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{_OP}: momentum must be a number in [0, 1] or None, got {momentum!r}")
+    if training and running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{_OP}: momentum=None (cumulative average) needs num_batches_tracked, got None")
+    _check_activation(activation, negative_slope)
+    if training or running_mean is None:
+        n = z.numel() // C if C > 0 else 0
+        if n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{list(z.shape)}")
+
+
+def _backend(device) -> str:
+    fast = {}
+    ok = backends.extension_available(device) if has_op("bn_act_forward") else (False, "bn_act not built")
+    if device.type == "cuda":
+        fast["cuda"] = ok
+    elif device.type == "cpu":
+        fast["cpu"] = ok
+    return backends.resolve(_OP, device, fast=fast)
+
+
+def _activation_(z, activation, negative_slope):
+    """The activation in place on a fresh tensor (the conv's own output)."""
+    if activation == "relu":
+        return torch.relu_(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu_(z, negative_slope)
+    return z
+
+
+# ---- the ops --------------------------------------------------------------------------------
+def bn_act(z: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+           running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+           num_batches_tracked: Optional[torch.Tensor] = None, *, training: bool = True,
+           momentum: Optional[float] = 0.1, eps: float = 1e-5, activation: str = "relu",
+           negative_slope: float = 0.01) -> torch.Tensor:
+    """BatchNorm2d (as F.batch_norm with these arguments) then the activation, fused.
+
+    With ``training`` and running stats given, the running stats (and num_batches_tracked) are
+    updated in place as BatchNorm2d updates them."""
+    _check_bn(z, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+              activation, negative_slope)
+    return _bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                   activation, negative_slope)
+
+
+def _bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+            activation, negative_slope):
+    use_batch = training or running_mean is None
+    if not use_batch:  # eval with running stats: a per-channel affine, plain torch
+        y, _ = ref.bn_act(z, weight, bias, running_mean, running_var, training=False, eps=eps, act=activation,
+                          negative_slope=negative_slope)
+        return y
+    if _backend(z.device) == "reference":
+        y, _ = ref.bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, training=training,
+                          momentum=momentum, eps=eps, act=activation, negative_slope=negative_slope,
+                          update_in_place=True)
+        return y
+    y, mean, _invstd, var = torch.ops.fastbig.bn_act_forward(z, weight, bias, float(eps),
+                                                             ACTIVATIONS[activation], float(negative_slope))
+    if training and running_mean is not None:
+        nbt = num_batches_tracked
+        if nbt is None:  # momentum is set (checked): the count is not needed, a scratch one is
+            nbt = torch.zeros((), dtype=torch.long, device=z.device)
+        torch.ops.fastbig.bn_update_running_stats_(running_mean, running_var, nbt, mean, var,
+                                                   z.numel() // z.shape[1],
+                                                   None if momentum is None else float(momentum))
+    return y
+
+
+def _check_conv(x, conv_weight, conv_bias, groups, transposed):
+    check_tensor(_OP, "x", x, dim=4)
+    check_tensor(_OP, "conv_weight", conv_weight, dim=4)
+    if conv_bias is not None:
+        check_tensor(_OP, "conv_bias", conv_bias, dim=1)
+    for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise RuntimeError(f"{_OP}: {name} is on {t.device} but x is on {x.device}; "
+                               f"expected all tensors on one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but x has {x.dtype}; expected one dtype")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{_OP}: groups must be a positive int, got {groups!r}")
+    cin = conv_weight.shape[0] if transposed else conv_weight.shape[1] * groups
+    if x.shape[1] != cin:
+        raise ValueError(f"{_OP}: x must have {cin} channels (conv_weight {tuple(conv_weight.shape)}, "
+                         f"groups={groups}), got {x.shape[1]} (x shape {tuple(x.shape)})")
+    cout = conv_weight.shape[1] * groups if transposed else conv_weight.shape[0]
+    if conv_bias is not None and tuple(conv_bias.shape) != (cout,):
+        raise ValueError(f"{_OP}: conv_bias must have shape ({cout},), got {tuple(conv_bias.shape)}")
+    return cout
+
+
+def conv_bn_act(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor] = None,
+                bn_weight: Optional[torch.Tensor] = None, bn_bias: Optional[torch.Tensor] = None,
+                running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+                num_batches_tracked: Optional[torch.Tensor] = None, *, stride=1, padding=0, dilation=1,
+                groups: int = 1, transposed: bool = False, output_padding=0, training: bool = True,
+                momentum: Optional[float] = 0.1, eps: float = 1e-5, activation: str = "relu",
+                negative_slope: float = 0.01) -> torch.Tensor:
+    """act(BatchNorm2d(conv(x))) with Conv2d (or ConvTranspose2d when ``transposed``) arguments.
+
+    Batch statistics when ``training`` or no running stats are given (running stats, if given,
+    are then updated in place as BatchNorm2d does); else BatchNorm is folded into the conv."""
+    cout = _check_conv(x, conv_weight, conv_bias, groups, transposed)
+    use_batch = training or running_mean is None
+    if use_batch:
+        if transposed:
+            z = F.conv_transpose2d(x, conv_weight, conv_bias, stride, padding, output_padding, groups, dilation)
+        else:
+            z = F.conv2d(x, conv_weight, conv_bias, stride, padding, dilation, groups)
+        if z.shape[1] != cout:  # pragma: no cover - torch's conv guarantees it
+            raise RuntimeError(f"{_OP}: conv produced {z.shape[1]} channels, expected {cout}")
+        _check_bn(z, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                  activation, negative_slope, zname="conv output")
+        return _bn_act(z, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                       eps, activation, negative_slope)
+    # eval with running statistics: fold, conv, activation in place on the conv's fresh output
+    _check_channel_vec("bn_weight", bn_weight, cout, x)
+    _check_channel_vec("bn_bias", bn_bias, cout, x)
+    _check_channel_vec("running_mean", running_mean, cout, x)
+    _check_channel_vec("running_var", running_var, cout, x)
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"{_OP}: eps must be a number > 0, got {eps!r}")
+    _check_activation(activation, negative_slope)
+    w, b = fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                   transposed=transposed, groups=groups)
+    if transposed:
+        z = F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation)
+    else:
+        z = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return _activation_(z, activation, negative_slope)
+
+
+def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, *, transposed=False,
+            groups=1):
+    """Eval BatchNorm folded into the conv: (weight, bias), computed in float32 or wider and
+    returned in the conv weight's dtype. Differentiable."""
+    acc = torch.promote_types(conv_weight.dtype, torch.float32)
+    cast = (lambda t: None if t is None else t.to(acc))
+    w, b = ref.fold(cast(conv_weight), cast(conv_bias), cast(bn_weight), cast(bn_bias), cast(running_mean),
+                    cast(running_var), eps, transposed=transposed, groups=groups)
+    return w.to(conv_weight.dtype), b.to(conv_weight.dtype)
