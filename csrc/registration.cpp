@@ -56,3 +56,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastbig C++/CUDA kernels; ops are registered under torch.ops.fastbig";
   m.def("build_info", &build_info, "What this extension was built with");
 }
+
+// ---- CONV-BN ------------------------------------------------------------------------------
+// BatchNorm with batch statistics + activation, fused, after a conv that ATen runs
+// (fastbig/ops/conv_bn_relu.py). act: 0 none, 1 relu, 2 leaky_relu(negative_slope).
+// z [N, C, H, W] NCHW or channels_last. mean/invstd/var are per channel, float32 (float64 for
+// float64 z); var is the biased batch variance.
+TORCH_LIBRARY_FRAGMENT(fastbig, m) {
+  m.def(
+      "bn_act_forward(Tensor z, Tensor? weight, Tensor? bias, float eps, int act, float negative_slope)"
+      " -> (Tensor y, Tensor mean, Tensor invstd, Tensor var)");
+  m.def(
+      "bn_act_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias,"
+      " int act, float negative_slope) -> (Tensor grad_z, Tensor grad_weight, Tensor grad_bias)");
+  // BatchNorm2d's running-statistic update, in place: num_batches_tracked += 1, then
+  // factor = momentum (or 1/num_batches_tracked when None), unbiased var = var * count/(count-1).
+  m.def(
+      "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var,"
+      " Tensor(c!) num_batches_tracked, Tensor mean, Tensor var, int count, float? momentum) -> ()");
+}
