@@ -284,7 +284,7 @@ def test_auto_cpu_path_matches_reference(case):
         kw["attn_mask"] = randn(B, 1, Sq, Sk)
         kw["key_padding_mask"] = torch.rand(B, Sk) > 0.8
     elif case == "bcast_mask_window":
-        kw["attn_mask"] = randn(Sq, 1)  # broadcast over keys
+        kw["attn_mask"] = randn(1, Sk, requires_grad=True)  # broadcast over batch, heads, queries
         kw["window"] = (4, 9)
         kw["key_padding_mask"] = torch.rand(B, Sk) > 0.8
     elif case == "fully_masked":
@@ -293,9 +293,10 @@ def test_auto_cpu_path_matches_reference(case):
         kw["attn_mask"] = m
     elif case == "scale":
         kw["scale"] = 0.37
+    mask_grad = kw.get("attn_mask") is not None and kw["attn_mask"].requires_grad
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CPU path takes all of these without falling back
-        _check_against_ref(q, k, v, **kw)
+        _check_against_ref(q, k, v, mask_grad=mask_grad, **kw)
 
 
 def test_auto_falls_back_once_with_a_warning():

@@ -272,9 +272,16 @@ def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scal
     fmask = mask
     if mask is not None and mask.dtype == torch.bool:
         fmask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, attn_mask=fmask, scale=scale)
-    out, lse = res[0], res[1].detach()
+    if fmask is not None and fmask.requires_grad:
+        # that op has no gradient for the mask: out from SDPA, lse from it without autograd
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=fmask, is_causal=causal, scale=scale)
+        with torch.no_grad():
+            lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, causal, attn_mask=fmask.detach(), scale=scale)[1]
+    else:
+        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=fmask, scale=scale)
+        out, lse = res[0], res[1].detach()
     if mask is not None:  # that kernel reports 0 on fully masked rows; the math says -inf
         attend = mask if mask.dtype == torch.bool else mask > float("-inf")
         empty = ~attend.expand(q.shape[0], q.shape[1], Sq, Sk).any(-1)
