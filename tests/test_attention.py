@@ -513,6 +513,7 @@ BAD = [
     ("heads", dict(k=_q(1, 3, 7, 16), v=_q(1, 3, 7, 16)), ValueError, "Hq % Hkv"),
     ("k v shapes", dict(v=_q(1, 2, 6, 16)), ValueError, "k and v must have one shape"),
     ("dtype", dict(k=_q(1, 2, 7, 16, dtype=torch.float16)), TypeError, "k has dtype"),
+    ("device", dict(k=torch.empty(1, 2, 7, 16, device="meta")), RuntimeError, "k is on meta"),
     ("int dtype", dict(q=torch.ones(1, 2, 5, 16, dtype=torch.int32)), TypeError, "q must have a floating"),
     ("mask shape", dict(attn_mask=torch.ones(5, 6, dtype=torch.bool)), ValueError, "attn_mask must be broadcastable"),
     ("mask dtype", dict(attn_mask=torch.ones(5, 7, dtype=torch.int64)), TypeError, "attn_mask must be bool"),
