@@ -1,0 +1,123 @@
+"""Determinism: under torch.use_deterministic_algorithms(True), two runs of forward and backward
+of every op (each backend this machine can run) are bitwise equal, dropout included once the
+seed is reset.
+
+Where this holds by design: the Triton attention kernels use no atomics (dK/dV per key block,
+dQ per query block, each written by one program); the C++ LSTM and BatchNorm kernels reduce in
+a fixed order (per-channel Welford over a fixed split, per-step GEMMs). On a GPU the same test
+runs with the `cuda` device (tests marked cuda are skipped here).
+"""
+import pytest
+import torch
+
+import fastbig
+from fastbig import backends
+from conftest import HAS_CUDA, has_extension
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+def _inputs(shapes, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype=dtype, device=device).requires_grad_()
+            for s in shapes]
+
+
+def _run_twice(fn, shapes, dtype=torch.float32, device="cpu", seed=0, torch_seed=None):
+    results = []
+    for _ in range(2):
+        xs = _inputs(shapes, dtype, device, seed)
+        if torch_seed is not None:
+            torch.manual_seed(torch_seed)
+        out = fn(*xs)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        g = torch.Generator().manual_seed(seed + 1)
+        gos = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype).to(o.device) for o in outs]
+        grads = torch.autograd.grad([o for o in outs if o.requires_grad],
+                                    xs, [go for o, go in zip(outs, gos) if o.requires_grad], allow_unused=True)
+        results.append([o.detach() for o in outs] + [gr for gr in grads if gr is not None])
+    a, b = results
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), f"tensor {i} differs between two identical runs " \
+                                  f"(max diff {(x.double() - y.double()).abs().max().item():.3e})"
+
+
+CELL = [(33, 4 * 19), (33, 19)]
+LAYER = [(9, 5, 7), (5, 11), (5, 11), (44, 7), (44, 11), (44,), (44,)]
+CONV = [(4, 3, 9, 9), (6, 3, 3, 3), (6,), (6,)]
+ATT = [(2, 4, 37, 32), (2, 2, 45, 32), (2, 2, 45, 32)]
+
+
+@has_extension
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_lstm_cell(backend):
+    with backends.use(backend):
+        _run_twice(fastbig.ops.lstm_cell, CELL)
+
+
+@has_extension
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_layer(backend, reverse):
+    with backends.use(backend):
+        _run_twice(lambda *a: fastbig.ops.lstm(*a, reverse=reverse), LAYER)
+
+
+@has_extension
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "none"])
+def test_conv_bn_act(backend, act):
+    def fn(x, w, bw, bb):
+        rm, rv, nbt = torch.zeros(6), torch.ones(6), torch.zeros((), dtype=torch.long)
+        return fastbig.ops.conv_bn_act(x, w, None, bw, bb, rm, rv, nbt, padding=1, activation=act)
+    with backends.use(backend):
+        _run_twice(fn, CONV)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("mode", ["causal", "mask", "dropout"])
+def test_attention(backend, mode):
+    kw = {"causal": dict(causal=True), "mask": dict(attn_mask=torch.rand(37, 45) > 0.2),
+          "dropout": dict(dropout_p=0.3)}[mode]
+    with backends.use(backend):
+        _run_twice(lambda q, k, v: fastbig.ops.attention(q, k, v, **kw), ATT, torch_seed=123)
+
+
+@pytest.mark.parametrize("mode", ["causal", "dropout"])
+def test_attention_triton(interpret_triton, mode):
+    kw = dict(causal=True) if mode == "causal" else dict(dropout_p=0.3)
+    _run_twice(lambda q, k, v: fastbig.ops.attention(q, k, v, **kw),
+               [(1, 2, 37, 16), (1, 1, 45, 16), (1, 1, 45, 16)], torch_seed=7)
+
+
+def test_dropout_differs_between_seeds():
+    """The dropout test above is not vacuous: another seed gives another mask."""
+    q, k, v = _inputs(ATT, torch.float32, "cpu", 0)
+    torch.manual_seed(1)
+    a = fastbig.ops.attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(2)
+    b = fastbig.ops.attention(q, k, v, dropout_p=0.3)
+    assert not torch.equal(a, b)
+
+
+@has_extension
+@pytest.mark.parametrize("name", ["LSTM", "MultiheadAttention", "ConvBnReLU2d"])
+def test_modules(name):
+    import _fuzz_cases as fc
+    make_f, _, inputs, kw = fc.module_cases()[name]
+    torch.manual_seed(0)
+    m = make_f()
+    (x, *rest) = inputs()
+
+    def fn(x):
+        return m(x, *([x] * len(rest)), **kw)
+    _run_twice(fn, [tuple(x.shape)])
