@@ -85,12 +85,15 @@ SHAPES = [  # B, Hq, Hkv, Sq, Sk, D
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("mode", ["full", "causal", "window"])
+# fp32: every shape in every mode; fp16: every shape, full and causal (seq 1: full only)
+MATRIX = [(s, dt, m) for s in SHAPES for dt in (torch.float32, torch.float16)
+          for m in (("full",) if s[3] == 1 else ("full", "causal", "window") if dt == torch.float32
+                    else ("full", "causal"))]
+
+
+@pytest.mark.parametrize("shape,dtype,mode", MATRIX,
+                         ids=["x".join(map(str, s)) + f"-{str(d)[6:]}-{m}" for s, d, m in MATRIX])
 def test_triton_matches_reference(interpret_triton, shape, dtype, mode):
-    if mode != "full" and shape[3] == 1:
-        pytest.skip("seq 1 is covered by the full mode")
     kw = {"causal": mode == "causal", "window": (9, 4) if mode == "window" else None}
     _check_against_ref(*_inputs(*shape, dtype), tf32=HAS_CUDA, **kw)
 
@@ -189,8 +192,8 @@ def test_varlen_matches_reference(causal):
 def test_dropout_keep_rate_and_seed(interpret_triton):
     p = 0.3
     keep = attn_ops.dropout_mask(2, 2, 64, 96, p, seed=1234, device=DEV)
-    rate = keep.float().mean().item()
-    assert abs(rate - (1 - p)) < 0.015, f"keep rate {rate:.4f}, expected {1 - p}"
+    rate = keep.float().mean().item()  # 24576 draws: 4 sigma = 0.012
+    assert abs(rate - (1 - p)) < 0.012, f"keep rate {rate:.4f}, expected {1 - p}"
     # heads and batches draw different masks; the same seed draws the same one
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
     assert torch.equal(keep, attn_ops.dropout_mask(2, 2, 64, 96, p, seed=1234, device=DEV))
