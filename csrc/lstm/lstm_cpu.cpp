@@ -15,6 +15,9 @@ namespace {
 // Rows of the batch are independent; grain so each task touches >= ~16K elements.
 inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * H)); }
 
+void layer_fwd_pointwise_cpu(at::ScalarType st, const FwdStep& s);
+void layer_bwd_pointwise_cpu(at::ScalarType st, const BwdStep& s);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(const at::Tensor& gates_in,
                                                              const at::Tensor& c_prev_in) {
   check_cell_inputs(gates_in, c_prev_in);
@@ -25,6 +28,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(const at::Tensor& g
   auto h = at::empty({B, H}, gates.options());
   auto c = at::empty({B, H}, gates.options());
   auto act = at::empty({B, 4 * H}, gates.options());
+  if (gates.scalar_type() == at::kFloat) {  // the layer op's vectorized step, in place on a copy
+    act.copy_(gates);
+    layer_fwd_pointwise_cpu(at::kFloat, FwdStep{act.data_ptr(), nullptr, 0, c_prev.data_ptr(), c.data_ptr(),
+                                                h.data_ptr(), B, H});
+    return {h, c, act};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gates.scalar_type(), "lstm_cell_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* a = gates.data_ptr<scalar_t>();
@@ -66,6 +75,14 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_backward_cpu(const c10::optional<at
   const int64_t B = act.size(0), H = act.size(1) / 4;
   auto da = at::empty({B, 4 * H}, act.options());
   auto dcp = at::empty({B, H}, act.options());
+  if (act.scalar_type() == at::kFloat) {  // the layer op's vectorized step; dc in/out in dcp
+    if (dc.defined()) dcp.copy_(dc);
+    else dcp.zero_();
+    const auto dh_a = dh.defined() ? dh : at::zeros({B, H}, act.options());
+    layer_bwd_pointwise_cpu(at::kFloat, BwdStep{dh_a.data_ptr(), nullptr, dcp.data_ptr(), act.data_ptr(), nullptr, 0,
+                                                c_prev.data_ptr(), c.data_ptr(), da.data_ptr(), B, H});
+    return {da, dcp};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, act.scalar_type(), "lstm_cell_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ap = act.data_ptr<scalar_t>();
@@ -140,9 +157,11 @@ inline void bwd_row_scalar(int64_t j0, int64_t H, const scalar_t* dha, const sca
 using simd::V8;
 using simd::VecMath;
 
-// float rows, vectorized. Cloned for AVX2+FMA and a baseline target; picked at load time.
-__attribute__((target_clones("arch=haswell", "default"))) void fwd_rows_f32(const FwdStep& s, int64_t b0,
-                                                                              int64_t b1) {
+// float rows, vectorized: one body (the *_body templates below), compiled twice, for AVX2+FMA
+// and for the baseline target, picked at run time. `flatten` inlines the whole cell (and the V8
+// math) into each, so no V8 ever crosses a call between code of different targets.
+template <int kDummy>
+inline void fwd_rows_f32_body(const FwdStep& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H;
   for (int64_t b = b0; b < b1; ++b) {
     float* g = static_cast<float*>(s.gates) + b * 4 * H;
@@ -166,8 +185,8 @@ __attribute__((target_clones("arch=haswell", "default"))) void fwd_rows_f32(cons
   }
 }
 
-__attribute__((target_clones("arch=haswell", "default"))) void bwd_rows_f32(const BwdStep& s, int64_t b0,
-                                                                              int64_t b1) {
+template <int kDummy>
+inline void bwd_rows_f32_body(const BwdStep& s, int64_t b0, int64_t b1) {
   const int64_t H = s.H;
   for (int64_t b = b0; b < b1; ++b) {
     const float* dha = static_cast<const float*>(s.dh_a) + b * H;
@@ -193,6 +212,37 @@ __attribute__((target_clones("arch=haswell", "default"))) void bwd_rows_f32(cons
     }
     bwd_row_scalar<float>(j, H, dha, dhb, dc, act, cp, c, dg);
   }
+}
+
+__attribute__((target("avx2,fma"), flatten)) void fwd_rows_f32_avx2(const FwdStep& s, int64_t b0, int64_t b1) {
+  fwd_rows_f32_body<0>(s, b0, b1);
+}
+__attribute__((flatten)) void fwd_rows_f32_base(const FwdStep& s, int64_t b0, int64_t b1) {
+  fwd_rows_f32_body<1>(s, b0, b1);
+}
+__attribute__((target("avx2,fma"), flatten)) void bwd_rows_f32_avx2(const BwdStep& s, int64_t b0, int64_t b1) {
+  bwd_rows_f32_body<0>(s, b0, b1);
+}
+__attribute__((flatten)) void bwd_rows_f32_base(const BwdStep& s, int64_t b0, int64_t b1) {
+  bwd_rows_f32_body<1>(s, b0, b1);
+}
+
+inline bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void fwd_rows_f32(const FwdStep& s, int64_t b0, int64_t b1) {
+  if (cpu_has_avx2_fma()) fwd_rows_f32_avx2(s, b0, b1);
+  else fwd_rows_f32_base(s, b0, b1);
+}
+void bwd_rows_f32(const BwdStep& s, int64_t b0, int64_t b1) {
+  if (cpu_has_avx2_fma()) bwd_rows_f32_avx2(s, b0, b1);
+  else bwd_rows_f32_base(s, b0, b1);
 }
 
 void layer_fwd_pointwise_cpu(at::ScalarType st, const FwdStep& s) {
