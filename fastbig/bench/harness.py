@@ -87,19 +87,26 @@ def changed_inputs(inputs: dict, snap: dict) -> List[str]:
     return [k for k, v in _tensors(inputs) if k in snap and not torch.equal(v.detach(), snap[k])]
 
 
-def check_impl(fn, oracle_out: List[torch.Tensor], inputs: dict, tol: float) -> dict:
-    """Run ``fn`` once and judge it: status ok | WRONG, err, notes (warnings), seconds."""
+def check_impl(fn, oracle_out: List[torch.Tensor], inputs: dict, tol: float, *,
+               device: Optional[str] = None) -> dict:
+    """Run ``fn`` once and judge it: status ok | WRONG, err, notes (warnings), seconds; with
+    ``device``, the peak memory of that call too (peak_mem_bytes, mem_method)."""
     snap = snapshot(inputs)
+    peak = how = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        outs = fn()
+        if device is not None:
+            outs, peak, how = timing.call_with_peak(fn, device)
+        else:
+            outs = fn()
         secs = time.perf_counter() - t0
     notes = []
     for w in caught:
         if w.category.__name__ == "FastbigFallbackWarning":
             notes.append(str(w.message))
-    res = {"seconds": secs, "notes": notes, "err": None, "errs": [], "tol": tol}
+    res = {"seconds": secs, "notes": notes, "err": None, "errs": [], "tol": tol,
+           "peak_mem_bytes": peak, "mem_method": how}
     touched = changed_inputs(inputs, snap)
     if touched:
         res.update(status="WRONG", reason=f"wrote into its inputs: {', '.join(touched)}")
@@ -162,6 +169,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
     except Exception as e:
         oracle_out, oracle_err = None, f"oracle failed: {_first_line(e)}"
     runners = {}
+    warmed = {}          # name -> ms of its check call, which was its warm-up
     for impl in impls:
         r = {"impl": impl.name, "kind": impl.kind, "status": "", "reason": "", "note": impl.note,
              "compiled": impl.compiled}
@@ -177,7 +185,10 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
             continue
         try:
             fn = impl.build(inputs)
-            chk = check_impl(fn, oracle_out, inputs, tol)
+            # The check call is the warm-up; its peak memory is taken too, except for a
+            # compiled implementation (its first call compiles: measured after timing).
+            chk = check_impl(fn, oracle_out, inputs, tol,
+                             device=None if impl.compiled else device)
         except NotAvailable as e:
             r.update(status="not available", reason=str(e))
             step(f"{impl.name} not available", 1)
@@ -198,6 +209,9 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
                  notes=chk["notes"], reason=chk.get("reason", ""))
         if impl.compiled:
             r["compile_s"] = chk["seconds"]
+        else:
+            warmed[impl.name] = chk["seconds"] * 1e3
+            r["peak_mem_bytes"], r["mem_method"] = chk["peak_mem_bytes"], chk["mem_method"]
         if chk["status"] == report.OK:
             runners[impl.name] = fn
         step(f"{impl.name} {r['status']}", 1)
@@ -218,7 +232,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
             tm = timing.time_cpu(runners, min_samples=2 if smoke else (3 if quick else 7),
                                  max_samples=5 if smoke else (30 if quick else 100),
                                  budget_s=0.0 if smoke else (0.4 if quick else 3.0),
-                                 on_round=on_round)
+                                 warmed=warmed, on_round=on_round)
         for n, t in tm.items():
             if t.error:                  # passed its check, then failed while timed
                 by_name[n].update(status="ERROR" if by_name[n]["kind"] != "baseline"
@@ -229,8 +243,9 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
                               n_samples=len(t.samples_ms), samples_ms=t.samples_ms,
                               calls_per_sample=t.inner, timer=t.timer)
         for n, fn in runners.items():
-            step(f"peak memory of {n}")
-            by_name[n]["peak_mem_bytes"], by_name[n]["mem_method"] = timing.peak_memory(fn, device)
+            if "peak_mem_bytes" not in by_name[n]:
+                step(f"peak memory of {n}")
+                by_name[n]["peak_mem_bytes"], by_name[n]["mem_method"] = timing.peak_memory(fn, device)
     step("done", 1)
     return rec
 
@@ -290,12 +305,13 @@ def metadata(device: str, args, roof: dict) -> dict:
         "quick": bool(args.quick), "smoke": bool(args.smoke), "argv": list(args.argv),
         "timer": ("CUDA events, warm-up, L2 flush, median of many (triton.testing.do_bench), "
                   "alternating rounds" if device == "cuda" else
-                  "perf_counter after warm-up, median (p20/p80) of repeated runs in alternating "
-                  "rounds"),
+                  "perf_counter after warm-up (the checked first call; one more after a compile), "
+                  "median (p20/p80) of repeated runs in alternating rounds"),
         "memory_method": ("torch.cuda.max_memory_allocated minus the memory allocated before the call"
                           if device == "cuda" else
-                          "torch CPU profiler memory events (peak of torch's allocations during one "
-                          "call, minus none held before; allocations oneDNN makes itself are not seen)"),
+                          "torch CPU profiler memory events: peak of torch's allocations during one "
+                          "call (the checked first call; a compiled one after its compile); "
+                          "allocations oneDNN makes itself are not seen"),
         "tolerance": {str(k).replace("torch.", ""): v for k, v in cases_mod.TOL.items()},
     }
 

@@ -70,18 +70,27 @@ def round_orders(names: Sequence[str], rounds: int) -> List[List[str]]:
 
 def time_cpu(fns: Dict[str, Callable[[], object]], *, min_samples: int = 5, max_samples: int = 50,
              budget_s: float = 2.0, min_sample_ms: float = 2.0, warmup: int = 1,
+             warmed: Optional[Dict[str, float]] = None,
              on_round: Optional[Callable[[int], None]] = None,
              clock: Callable[[], float] = time.perf_counter) -> Dict[str, Timing]:
-    """Time each function in alternating rounds. ``budget_s`` is per implementation."""
+    """Time each function in alternating rounds. ``budget_s`` is per implementation.
+
+    ``warmed`` maps the names already called once (the harness's check call, which is their
+    warm-up) to that call's ms: they get no further warm-up call.
+    """
+    warmed = warmed or {}
     out = {n: Timing(timer="cpu perf_counter, alternating rounds") for n in fns}
     names = []
     for n in fns:                        # warm-up, and the size of one call
         try:
-            for _ in range(max(0, warmup - 1)):
+            if n in warmed:
+                one = warmed[n]
+            else:
+                for _ in range(max(0, warmup - 1)):
+                    fns[n]()
+                t0 = clock()
                 fns[n]()
-            t0 = clock()
-            fns[n]()
-            one = (clock() - t0) * 1e3
+                one = (clock() - t0) * 1e3
         except Exception as e:
             out[n].error = _err(e)
             continue
@@ -210,12 +219,15 @@ class _QuietStderr:
 
 def peak_memory_cpu(fn: Callable[[], object]) -> Optional[int]:
     """Peak extra bytes held by torch's CPU allocator during one call (profiler memory events)."""
-    import torch
+    return _call_peak_cpu(fn)[1]
+
+
+def _call_peak_cpu(fn):
+    import torch  # noqa: F401
     from torch.profiler import ProfilerActivity, profile
     with _QuietStderr():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             res = fn()
-            del res
         events = prof.profiler.kineto_results.events()
     mem = sorted((e.start_ns(), e.nbytes()) for e in events
                  if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
@@ -223,26 +235,57 @@ def peak_memory_cpu(fn: Callable[[], object]) -> Optional[int]:
     for _, nb in mem:
         live += nb
         peak = max(peak, live)
-    return int(peak)
+    return res, int(peak)
 
 
 def peak_memory_cuda(fn: Callable[[], object]) -> int:
+    return _call_peak_cuda(fn)[1]
+
+
+def _call_peak_cuda(fn):
     import torch
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     res = fn()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del res
-    return int(peak - base)
+    return res, int(torch.cuda.max_memory_allocated() - base)
+
+
+MEM_HOW = {"cuda": "torch.cuda.max_memory_allocated delta",
+           "cpu": "torch CPU profiler memory events (torch allocations)"}
+
+
+def call_with_peak(fn: Callable[[], object], device: str) -> tuple:
+    """Call ``fn`` once: (its result, peak extra bytes or None, how measured or why not).
+
+    A failure of the measurement itself (the profiler's private event API moved) is reported
+    and the call is made plainly; an exception of ``fn`` propagates.
+    """
+    measure = _call_peak_cuda if device == "cuda" else _call_peak_cpu
+    try:
+        import torch.profiler  # noqa: F401
+    except Exception as e:  # pragma: no cover
+        return fn(), None, f"not measured ({type(e).__name__}: {e})"
+    state = {}
+
+    def wrapped():
+        state["res"] = fn()
+        state["done"] = True
+        return state["res"]
+    try:
+        res, peak = measure(wrapped)
+        return res, peak, MEM_HOW[device]
+    except Exception as e:
+        if state.get("done"):          # fn ran; the measurement failed after it
+            return state["res"], None, f"not measured ({type(e).__name__}: {e})"
+        raise
 
 
 def peak_memory(fn: Callable[[], object], device: str) -> tuple:
-    """(bytes or None, how it was measured or why not)."""
+    """(bytes or None, how it was measured or why not) of one call of ``fn``."""
     try:
-        if device == "cuda":
-            return peak_memory_cuda(fn), "torch.cuda.max_memory_allocated delta"
-        return peak_memory_cpu(fn), "torch CPU profiler memory events (torch allocations)"
-    except Exception as e:  # the profiler's private event API moved: say so, do not fail the run
+        _, peak, how = call_with_peak(fn, device)
+        return peak, how
+    except Exception as e:
         return None, f"not measured ({type(e).__name__}: {e})"
