@@ -51,7 +51,8 @@ def _empty_like(t, **kw):
 def _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p):
     """Keep-mask of one [BLOCK_M, BLOCK_N] tile: Philox keyed by (seed, batch*head), counter
     m * drop_stride + n. The forward, both backward kernels and dropout_mask() agree on it."""
-    key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)
+    # (no seed.to(): an int argument equal to 1 arrives as a constexpr on GPUs)
+    key = (bh.to(tl.int64) << 32) + seed
     offs = offs_m[:, None] * drop_stride + offs_n[None, :]
     return tl.rand(key, offs) >= dropout_p
 
