@@ -10,6 +10,16 @@ from conftest import assert_close, randn
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny float64 GEMMs on a loaded 2-core box stall on a descheduled
+    second thread (10-100x slower); the math does not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _weights(m):
     D = 2 if m.bidirectional else 1
     out = []
