@@ -403,6 +403,13 @@ def _run(args, device, ops, dtypes) -> int:
         print("fastbig bench: no case matches", file=sys.stderr)
         return 2
 
+    la, ncpu = loadavg(), os.cpu_count() or 1
+    if device == "cpu" and la is not None and la > ncpu:
+        nt = torch.get_num_threads()
+        hint = (f" (with {nt} threads, waiting threads stall each other: --threads 1 is steadier)"
+                if nt > 1 else "")
+        print(f"fastbig bench: the load average is {la:.1f} on {ncpu} CPUs: other work shares this "
+              f"machine, so CPU timings will be slow and noisy{hint}", file=sys.stderr, flush=True)
     print(f"fastbig bench: measuring the roof of {device} ...", file=sys.stderr, flush=True)
     roof = roof_mod.roof(device, quick=args.quick, smoke=args.smoke)
     meta = metadata(device, args, roof)
