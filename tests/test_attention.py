@@ -274,7 +274,7 @@ def test_torch_compile_fullgraph(name):
 # The CPU (auto) path and dispatch
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["plain", "causal_gqa", "window", "masks", "bcast_mask_window",
-                                  "fully_masked", "scale"])
+                                  "fully_masked", "scale", "head_dim_strided"])
 def test_auto_cpu_path_matches_reference(case):
     B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 33, 47, 24
     q, k, v = _inputs(B, Hq, Hkv if case == "causal_gqa" else Hq, Sq, Sk, D, torch.float32, device="cpu")
@@ -296,6 +296,9 @@ def test_auto_cpu_path_matches_reference(case):
         kw["attn_mask"] = m
     elif case == "scale":
         kw["scale"] = 0.37
+    elif case == "head_dim_strided":  # head dim not innermost in memory
+        q, k, v = (t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+                   for t in (q, k, v))
     mask_grad = kw.get("attn_mask") is not None and kw["attn_mask"].requires_grad
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the CPU path takes all of these without falling back

@@ -269,6 +269,8 @@ def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scal
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    # That private op reads garbage when the head dim is not the innermost stride (torch 2.14).
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     fmask = mask
     if mask is not None and mask.dtype == torch.bool:
         fmask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
