@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "common/welford.h"
@@ -33,6 +34,18 @@ inline int64_t channel_grain(int64_t per_channel) {
 // Grain of a loop over row blocks of block_elems elements each.
 inline int64_t block_grain(int64_t block_elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, block_elems));
+}
+
+// The activation as a compile-time constant, so the inner loops carry no branch on it.
+template <typename F>
+inline void with_act(int64_t act, F&& f) {
+  if (act == kRelu) {
+    f(std::integral_constant<int64_t, kRelu>{});
+  } else if (act == kLeakyRelu) {
+    f(std::integral_constant<int64_t, kLeakyRelu>{});
+  } else {
+    f(std::integral_constant<int64_t, kNone>{});
+  }
 }
 
 template <typename acc_t>
@@ -139,9 +152,9 @@ void stats_nhwc(const scalar_t* z, int64_t M, int64_t C, acc_t* mean, acc_t* var
 }
 
 // ---- normalize + affine + activation ------------------------------------------------------
-template <typename scalar_t, typename acc_t>
+template <int64_t act, typename scalar_t, typename acc_t>
 void normalize_act(const scalar_t* z, scalar_t* y, Layout layout, int64_t N, int64_t C, int64_t HW,
-                   const ChannelParams<acc_t>& p, int64_t act, acc_t slope) {
+                   const ChannelParams<acc_t>& p, acc_t slope) {
   const acc_t* mp = p.mean.data();
   const acc_t* ap = p.a.data();
   const acc_t* bp = p.beta.data();
@@ -170,9 +183,9 @@ void normalize_act(const scalar_t* z, scalar_t* y, Layout layout, int64_t N, int
 }
 
 // ---- backward sums: S1 = sum dy', S2 = sum dy' (z - m) --------------------------------------
-template <typename scalar_t, typename acc_t>
+template <int64_t act, typename scalar_t, typename acc_t>
 void backward_sums(const scalar_t* dy, const scalar_t* z, Layout layout, int64_t N, int64_t C, int64_t HW,
-                   const ChannelParams<acc_t>& p, int64_t act, acc_t slope, double* s1, double* s2) {
+                   const ChannelParams<acc_t>& p, acc_t slope, double* s1, double* s2) {
   const acc_t* mp = p.mean.data();
   const acc_t* ap = p.a.data();
   const acc_t* bp = p.beta.data();
@@ -240,10 +253,10 @@ void backward_sums(const scalar_t* dy, const scalar_t* z, Layout layout, int64_t
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <int64_t act, typename scalar_t, typename acc_t>
 void backward_elem(const scalar_t* dy, const scalar_t* z, scalar_t* dz, Layout layout, int64_t N, int64_t C,
                    int64_t HW, const ChannelParams<acc_t>& p, const std::vector<BackwardCoeffs<acc_t>>& k,
-                   int64_t act, acc_t slope) {
+                   acc_t slope) {
   const acc_t* mp = p.mean.data();
   const acc_t* ap = p.a.data();
   const acc_t* bp = p.beta.data();
@@ -316,8 +329,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cpu(
     }
     for (int64_t c = 0; c < C; ++c) ip[c] = invstd_of<acc_t>(vp[c], acc_t(eps));
     const auto p = channel_params<scalar_t, acc_t>(mean, invstd, weight, bias, C);
-    normalize_act<scalar_t, acc_t>(z.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), layout, N, C, HW, p, act,
-                                   acc_t(slope));
+    with_act(act, [&](auto A) {
+      normalize_act<decltype(A)::value, scalar_t, acc_t>(z.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), layout, N, C,
+                                                         HW, p, acc_t(slope));
+    });
   });
   return {y, mean, invstd, var};
 }
@@ -339,8 +354,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = channel_params<scalar_t, acc_t>(mean, invstd, weight, bias, C);
     std::vector<double> s1(C), s2(C);
-    backward_sums<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), layout, N, C, HW, p, act,
-                                   acc_t(slope), s1.data(), s2.data());
+    with_act(act, [&](auto A) {
+      backward_sums<decltype(A)::value, scalar_t, acc_t>(dy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), layout, N, C,
+                                                         HW, p, acc_t(slope), s1.data(), s2.data());
+    });
     const auto is = invstd.contiguous();
     const acc_t* ip = is.data_ptr<acc_t>();
     at::Tensor w;
@@ -354,8 +371,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
       dgp[c] = k[c].dgamma;
       dbp[c] = k[c].dbeta;
     }
-    backward_elem<scalar_t, acc_t>(dy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
-                                   layout, N, C, HW, p, k, act, acc_t(slope));
+    with_act(act, [&](auto A) {
+      backward_elem<decltype(A)::value, scalar_t, acc_t>(dy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                                                         dz.data_ptr<scalar_t>(), layout, N, C, HW, p, k, acc_t(slope));
+    });
   });
   return {dz, dgamma, dbeta};
 }
