@@ -313,8 +313,8 @@ def _attention_triton_available():
 
 
 register(OpSpec("attention_triton", _attention_triton_available,
-                lambda r: _attention_gen(r, triton=True), _attention_run, 40,
-                note="Triton interpreter: ~0.3 s a case on CPU, so fewer cases by default"))
+                lambda r: _attention_gen(r, triton=True), _attention_run, 12,
+                note="Triton interpreter: ~1 s a case on 2 CPU cores, so 12 cases by default"))
 
 
 # ---- lstm (whole layer, one direction) ---------------------------------------------------------

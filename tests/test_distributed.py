@@ -19,6 +19,12 @@ WORLD = 2
 TIMEOUT_S = 120
 STEPS = 5
 MODELS = ("SimpleCNN", "LSTMClassifier", "SelfAttentionClassifier")
+# torch.multiprocessing's start_processes (what mp.spawn runs) with "fork" where the platform has
+# it: the workers inherit the imported torch and fastbig instead of importing them cold (~15 s on
+# 2 busy cores for two `import torch`); nothing here has touched CUDA or a process group before
+# the fork (DataLoader workers rely on the same). FASTBIG_DDP_START=spawn forces a clean start.
+START_METHOD = os.environ.get("FASTBIG_DDP_START") or (
+    "fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 def _free_port():
@@ -48,7 +54,7 @@ def _spawn(job):
     port = _free_port()
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.start_processes(_worker, args=(port, outdir, job), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+                                 start_method=START_METHOD)
         deadline = time.monotonic() + TIMEOUT_S
         try:
             while not ctx.join(timeout=1.0):
@@ -119,10 +125,20 @@ def _syncbn_job(rank):
     return res
 
 
+def _all_jobs(rank):
+    return {"train": _train_job(rank), "syncbn": _syncbn_job(rank)}
+
+
 # ---- the tests ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_results():
+    """One spawn (two processes starting torch costs seconds) runs every job."""
+    return _spawn("_all_jobs")
+
+
 @has_extension
-def test_ddp_fused_models_train_like_their_twins():
-    results = _spawn("_train_job")
+def test_ddp_fused_models_train_like_their_twins(ddp_results):
+    results = [r["train"] for r in ddp_results]
     for name in MODELS:
         for rank in range(WORLD):
             fused, twin = results[rank][name][True], results[rank][name][False]
@@ -145,11 +161,11 @@ def test_ddp_fused_models_train_like_their_twins():
 
 
 @has_extension
-def test_syncbatchnorm_is_synced_or_a_clear_error():
+def test_syncbatchnorm_is_synced_or_a_clear_error(ddp_results):
     """torch's SyncBatchNorm syncs statistics over the process group (on CPU it raises a clear
     ValueError). A fastbig conv-bn block whose BatchNorm was converted must do one of those, not
     silently use per-process statistics."""
-    results = _spawn("_syncbn_job")
+    results = [r["syncbn"] for r in ddp_results]
     for rank, res in enumerate(results):
         assert res["converted_to"] == "SyncBatchNorm"
         if res["raised"] is not None:

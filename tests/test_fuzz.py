@@ -7,7 +7,7 @@ tests/conftest.py's per-dtype tolerances (``rel_err``, NaN never passes), and th
 must come back unmodified.
 
 Default counts (CI, ~1 minute on 2 cores): 1000 cases per op on the C++/CPU paths, fewer on the
-Triton interpreter (about 0.6 s a case; see ``OPS[...].default_count``). The long run:
+Triton interpreter (12 cases, about 1 s each; see ``OPS[...].default_count``). The long run:
 
     FASTBIG_FUZZ=20000 python -m pytest tests/test_fuzz.py -q      # 20000 cases per op
     FASTBIG_FUZZ_BASE=7 ...                                          # another block of seeds
