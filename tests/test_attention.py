@@ -171,8 +171,10 @@ def _varlen_case(dtype, Hq=2, Hkv=1, D=32, lens_q=(1, 17, 40), lens_k=(5, 17, 33
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_matches_reference(causal):
-    # the Triton path (interpreter here) and the CPU/auto path, same inputs
-    q, k, v, cu_q, cu_k, mq, mk = _varlen_case(torch.float32)
+    # the Triton path (interpreter here) and the CPU/auto path, same inputs; the last sequence
+    # has no keys at all (its rows are fully masked: 0 out, -inf lse)
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case(torch.float32, lens_q=(1, 17, 40, 3),
+                                               lens_k=(5, 17, 33, 0))
     rq, rk, rv = _f64(q, k, v)
     rout, rlse = ref.attention_varlen(rq, rk, rv, cu_q.cpu(), cu_k.cpu(), causal=causal, return_lse=True)
     do = randn(*q.shape, device=DEV)
@@ -184,7 +186,9 @@ def test_varlen_matches_reference(causal):
                                                     return_lse=True)
         assert lse.shape == (2, q.shape[0])
         assert_close(out, rout, name=f"{name} out", tf32=HAS_CUDA)
-        assert_close(lse, rlse, name=f"{name} lse", tf32=HAS_CUDA)
+        fin = torch.isfinite(rlse)
+        assert torch.equal(torch.isfinite(lse.cpu()), fin) and torch.all(out[-3:] == 0)
+        assert_close(lse.cpu()[fin], rlse[fin], torch.float32, name=f"{name} lse", tf32=HAS_CUDA)
         for g, rg, n in zip(torch.autograd.grad(out, (q, k, v), do), rgrads, "qkv"):
             assert_close(g, rg, name=f"{name} d{n}", tf32=HAS_CUDA)
 
@@ -314,6 +318,43 @@ def test_auto_falls_back_once_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastbig.ops.attention(q, k, v, dropout_p=0.1, return_lse=True)  # warned once already
+
+
+def test_auto_cpu_nan_propagates_as_the_math():
+    # SDPA's CPU kernel turns a NaN query row into finite numbers; auto must not
+    q, k, v = _inputs(2, 2, 2, 6, 9, 16, torch.float16, device="cpu")
+    q = q.detach().clone()
+    q[1, 0, 2, 3] = float("nan")
+    backends._reset_warnings()
+    with pytest.warns(backends.FastbigFallbackWarning, match="NaN"):
+        out = fastbig.ops.attention(q, k, v)
+    rout = ref.attention(*_f64(q, k, v))
+    assert torch.equal(out.isnan(), rout.isnan()) and out[1, 0, 2].isnan().all()
+    fin = ~rout.isnan()
+    assert_close(out[fin], rout[fin], torch.float16)
+    # large but finite fp16 inputs stay on the fast path (the check sums in fp32)
+    big = torch.full((1, 1, 256, 64), 60000.0, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastbig.ops.attention(big, big, big)
+
+
+@pytest.mark.parametrize("name", ["auto", "reference", "triton"])
+def test_empty_sequences(name):
+    if name == "triton" and not (HAS_CUDA or backends.triton_interpret()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    q, k, v = _inputs(1, 2, 2, 5, 0, 16, torch.float32)  # no keys: every row fully masked
+    with backends.use(name):
+        out, lse = fastbig.ops.attention(q, k, v, return_lse=True)
+        assert torch.all(out == 0) and torch.isneginf(lse).all()
+        q, k, v = _inputs(1, 2, 2, 0, 7, 16, torch.float32)  # no queries
+        assert fastbig.ops.attention(q, k, v).shape == (1, 2, 0, 16)
+
+
+def test_multihead_attention_empty_batch():
+    fb = fastbig.nn.MultiheadAttention(16, 2, batch_first=True)
+    x = randn(0, 5, 16)
+    assert fb(x, x, x, need_weights=False)[0].shape == (0, 5, 16)
 
 
 def test_forced_backends():

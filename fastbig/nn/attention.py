@@ -131,8 +131,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             v = torch.cat([v, self.bias_v.expand(B, 1, E)], dim=1)
             attn_mask, key_padding_mask = self._pad_masks(attn_mask, key_padding_mask)
         q = q.view(B, L, H, hd).transpose(1, 2)
-        k = k.view(B, -1, H, hd).transpose(1, 2)
-        v = v.view(B, -1, H, hd).transpose(1, 2)
+        k = k.view(B, k.shape[1], H, hd).transpose(1, 2)
+        v = v.view(B, v.shape[1], H, hd).transpose(1, 2)
         if self.add_zero_attn:
             z = torch.zeros(B, H, 1, hd, dtype=k.dtype, device=k.device)
             k, v = torch.cat([k, z], dim=2), torch.cat([v, z], dim=2)

@@ -236,6 +236,15 @@ def _new_seed():
     return torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64)
 
 
+def _finite(q, k, v) -> bool:
+    """One reduction per tensor (an overflowing sum only sends finite inputs to the reference).
+    Skipped while torch.compile traces: a data-dependent branch would break the graph."""
+    if torch.compiler.is_compiling() or q.numel() == 0 or k.numel() == 0:
+        return True
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    return bool(torch.isfinite(q.sum(dtype=acc) + k.sum(dtype=acc) + v.sum(dtype=acc)))
+
+
 def _reference(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale, return_lse):
     keep = None
     if dropout_p > 0:
@@ -312,7 +321,12 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
     cpu_ok = (True, "")
     if return_lse and dropout_p > 0:
         cpu_ok = (False, "the SDPA CPU kernel cannot return the log-sum-exp with dropout")
+    elif q.device.type == "cpu" and not _finite(q, k, v):
+        cpu_ok = (False, "the inputs hold NaN/inf, which the SDPA CPU kernel does not propagate "
+                         "as the math does")
     backend = _backend(q, D, dropout_p, Sq, Sk, cpu_ok=cpu_ok)
+    if backend == "cpu" and (q.numel() == 0 or k.numel() == 0):
+        backend = "reference"  # SDPA's CPU kernel dies of SIGFPE on Sk == 0; nothing to compute
     if backend == "cpu":
         return _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale,
                          return_lse)
@@ -389,7 +403,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         args = (qb, kb, vb, left, right, None, None, dropout_p, scale_f, return_lse)
-        res = _sdpa_cpu(*args) if backend == "cpu" else _reference(*args)
+        empty = qb.numel() == 0 or kb.numel() == 0  # SDPA's CPU kernel dies on Sk == 0
+        res = _sdpa_cpu(*args) if backend == "cpu" and not empty else _reference(*args)
         o, lse = res if return_lse else (res, None)
         outs.append(o[0].transpose(0, 1))
         if return_lse:

@@ -75,7 +75,10 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
     scores = scores.masked_fill(~allowed, float("-inf"))
 
     # Softmax that gives 0 (not NaN) on rows where every key is masked.
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if Sk == 0:  # no keys at all: every row is fully masked
+        row_max = scores.new_zeros(B, Hq, Sq, 1)
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     e = torch.exp(scores - row_max)
     denom = e.sum(dim=-1, keepdim=True)
