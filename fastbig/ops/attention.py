@@ -255,7 +255,15 @@ def _reference(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, sca
 
 
 def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale, return_lse):
-    """PyTorch's SDPA CPU kernel with fastbig's mask conventions folded into one mask."""
+    """PyTorch's SDPA CPU kernel with fastbig's mask conventions folded into one mask.
+
+    float16/bfloat16 run in float32 and round once at the end: on CPU that is both faster (about
+    2x for fwd+bwd at B2 H4 S512 D64) and more accurate than SDPA's half-precision CPU kernel."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        res = _sdpa_cpu(q.float(), k.float(), v.float(), left, right, attn_mask, key_padding_mask,
+                        dropout_p, scale, return_lse)
+        return (res[0].to(dtype), res[1]) if return_lse else res.to(dtype)
     Sq, Sk = q.shape[2], k.shape[2]
     causal = left < 0 and right == 0 and attn_mask is None and key_padding_mask is None
     mask = attn_mask
