@@ -186,6 +186,12 @@ def test_parallel_rows_match_serial():
     assert torch.equal(y1, y2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lstm_half_precision_cpu_vs_float64(dtype):
+    tm, fm = _pair(16, 53, dtype=dtype, num_layers=2, bidirectional=True, proj_size=7)
+    _compare(fm, tm, randn(9, 4, 16), (randn(4, 4, 7), randn(4, 4, 53)), dtype, "cpu")
+
+
 def test_lstm_float32_equals_torch_nn_lstm_within_tolerance():
     """The drop-in claim as a user sees it: both float32, both near the float64 oracle."""
     torch_m = torch.nn.LSTM(32, 53, num_layers=2, bidirectional=True, proj_size=20)
