@@ -429,10 +429,20 @@ def _run(args, device, ops, dtypes) -> int:
                              "traceback": traceback.format_exc(limit=8)})
     finally:
         prog.close()
-    for r in recs:
-        report.derive(r, roof)
     meta["elapsed_s"] = time.perf_counter() - prog.t0
     meta["loadavg_end"] = loadavg()
+    if device == "cpu" and not args.smoke:
+        # Measured again at the end; the roof is the better of the two (a busy moment at the
+        # start must not make the roof low). Both are in the JSON.
+        end = roof_mod.measure(device, n=1536 if args.quick else 2048,
+                               copy_mb=128 if args.quick else 256)
+        roof["measured_end"] = end
+        if roof.get("source", "").startswith("measured"):
+            roof["flops"] = max(roof["flops"], end["matmul_flops"])
+            roof["bytes_per_s"] = max(roof["bytes_per_s"], end["copy_bytes_per_s"])
+            roof["source"] += "; best of start and end of the run"
+    for r in recs:
+        report.derive(r, roof)
     print(report.table(meta, recs))
     stem = os.path.join(out_dir, report.results_stem(meta))
     report.write_json(stem + ".json", meta, recs)

@@ -47,3 +47,25 @@ def plot_op(op: str, cases: List[dict], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"plot written: {path}"
+
+
+def main(argv=None) -> int:
+    """``python -m fastbig.bench.plots RESULTS.json ...``: the PNGs of a results file, beside it
+    (for a run made where matplotlib was missing)."""
+    import json
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: python -m fastbig.bench.plots RESULTS.json [...]", file=sys.stderr)
+        return 2
+    for path in argv:
+        with open(path) as f:
+            data = json.load(f)
+        stem = path[:-5] if path.endswith(".json") else path
+        for op in sorted({c["op"] for c in data["cases"]}):
+            print(plot_op(op, data["cases"], f"{stem}-{op}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
