@@ -246,3 +246,28 @@ def _rss_flat(op):
     bound = max(4.0, 20.0 * n / 10_000)
     print(f"{op}: {n} forward+backward steps, RSS grew {grown:.2f} MiB (bound {bound:.0f})")
     assert grown < bound, f"{op}: RSS grew {grown:.1f} MiB over {n} steps (leak?)"
+
+
+@has_extension
+@pytest.mark.parametrize("name", ["SimpleCNN", "ResNet", "LSTMClassifier", "Transformer"])
+def test_accelerated_model_keeps_its_checkpoints(name):
+    """fastbig.accelerate on a plain torch model: same state_dict keys, the old checkpoint loads
+    with strict=True both ways, same outputs (eval) as before."""
+    make, inputs = MODELS[name]
+    torch.manual_seed(0)
+    model = make(False)
+    _perturb(model, 5)
+    model.eval()
+    args = inputs()
+    with torch.no_grad():
+        before = model(*args)
+    old = _roundtrip(model.state_dict())
+    report = fastbig.accelerate(model)
+    assert report.model is model and report.swapped, report.table()
+    assert list(model.state_dict()) == list(old)
+    model.load_state_dict(old, strict=True)
+    with torch.no_grad():
+        assert_close(model(*args), before.double(), torch.float32, name=f"{name} accelerated")
+    twin = make(False)
+    twin.load_state_dict(_roundtrip(model.state_dict()), strict=True)
+    _same_state(twin, model)
