@@ -344,17 +344,27 @@ def fit(name: str, cfg: dict, *, splits=None, out: Optional[str] = None, state: 
     model = _build(task, cfg["fused"], name).to(device)
     opts = _optimizers(task, model, cfg)
     steps = math.ceil(splits["train"][0].shape[0] / cfg["batch_size"])
-    scheds = [_scheduler(o, cfg, steps) for o in opts]
     start, history = 0, []
-    if state is not None:
+    if state is None:
+        scheds = [_scheduler(o, cfg, steps) for o in opts]
+    else:
         model.load_state_dict(state["model"], strict=True)
         for o, s in zip(opts, state["optimizers"]):
             o.load_state_dict(s)
         start, history = state["epoch"], list(state.get("history", []))
         if state["config"]["epochs"] == cfg["epochs"]:
+            lrs = [[g["lr"] for g in o.param_groups] for o in opts]
+            scheds = [_scheduler(o, cfg, steps) for o in opts]
             for sc, s in zip(scheds, state["schedulers"]):
                 sc.load_state_dict(s)
-        else:  # a longer run: the schedule is rebuilt for the new length, fast-forwarded
+            for o, lr in zip(opts, lrs):  # a scheduler's constructor may have reset them
+                for g, v in zip(o.param_groups, lr):
+                    g["lr"] = v
+        else:  # a longer run: the schedule is rebuilt for the new length and fast-forwarded
+            for o in opts:
+                for g in o.param_groups:
+                    g["lr"] = g.get("initial_lr", cfg["lr"])
+            scheds = [_scheduler(o, cfg, steps) for o in opts]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for sc in scheds:
@@ -687,13 +697,16 @@ def evaluate_main(argv=None) -> int:
     return 0
 
 
-def demo_main() -> int:
+def demo_main(epochs: Optional[int] = None, limit: Optional[int] = None) -> int:
     """Train MNISTNet on the digits through fastbig's fused layers and through the torch.nn twin
-    (same seed, data and options); print test accuracy and time per epoch side by side."""
+    (same seed, data and options); print test accuracy and time per epoch side by side.
+    (``epochs``/``limit`` shorten it for tests; the demo uses the defaults.)"""
     task = _tasks()["mnistnet"]
-    cfg = dict(task.defaults, model="mnistnet", seed=0, device="auto", backend=None, limit=None,
+    cfg = dict(task.defaults, model="mnistnet", seed=0, device="auto", backend=None, limit=limit,
                tune_epochs=None)
-    splits = task.data(seed=0, limit=None)
+    if epochs:
+        cfg["epochs"] = epochs
+    splits = task.data(seed=0, limit=limit)
     rows = []
     for fused in (True, False):
         label = "fastbig (fused)" if fused else "torch.nn twin"
