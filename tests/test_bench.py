@@ -148,8 +148,18 @@ def _raise(inp):
     raise RuntimeError("kernel launch failed")
 
 
+def _fallback(inp):
+    import warnings
+
+    import fastbig
+    warnings.warn("fastbig.toy: no fast path for these inputs (test)",
+                  fastbig.backends.FastbigFallbackWarning)
+    return [inp["x"] @ inp["w"]]
+
+
 def test_gate_wrong_results_post_no_time():
     impls = [
+        _impl("fallback", _fallback, kind="fastbig"),
         _impl("eager", lambda i: [i["x"] @ i["w"]]),
         _impl("fastbig", lambda i: [(i["x"] @ i["w"]) * (1 + 1e-6)], kind="fastbig"),
         _impl("off", lambda i: [(i["x"] @ i["w"]) + 1e-3], kind="fastbig"),
@@ -167,6 +177,8 @@ def test_gate_wrong_results_post_no_time():
     report.derive(rec, {"flops": 1e9, "bytes_per_s": 1e9})
     by = {r["impl"]: r for r in rec["impls"]}
     assert by["eager"]["status"] == "ok" and by["eager"]["err"] < 1e-6
+    assert by["fallback"]["status"] == "ok" and "no fast path" in by["fallback"]["notes"][0]
+    assert "FELL BACK" in report.status_text(by["fallback"])
     assert by["fastbig"]["status"] == "ok" and by["fastbig"]["median_ms"] > 0
     assert by["off"]["status"] == "WRONG" and by["off"]["err"] > conftest.TOL[torch.float32]
     assert by["nan"]["status"] == "WRONG" and by["nan"]["err"] == float("inf")

@@ -90,7 +90,12 @@ def goal_text(g: dict) -> str:
 def status_text(r: dict) -> str:
     st = r["status"]
     if st == OK:
-        return f"ok err={r['err']:.1e}" if r.get("err") is not None else "ok"
+        s = f"ok err={r['err']:.1e}" if r.get("err") is not None else "ok"
+        if r.get("notes"):          # fastbig's auto fell back to its reference
+            s += " FELL BACK: " + r["notes"][0][:160]
+        if r.get("note"):
+            s += f" ({r['note']})"
+        return s
     if st == "WRONG":
         e = r.get("err")
         es = "inf/nan" if e is None or e == float("inf") else f"{e:.2e}"
