@@ -157,6 +157,7 @@ def _fallback(inp):
     return [inp["x"] @ inp["w"]]
 
 
+@pytest.mark.filterwarnings("ignore::fastbig.backends.FastbigFallbackWarning")
 def test_gate_wrong_results_post_no_time():
     impls = [
         _impl("fallback", _fallback, kind="fastbig"),

@@ -93,6 +93,11 @@ def check_impl(fn, oracle_out: List[torch.Tensor], inputs: dict, tol: float, *,
     ``device``, the peak memory of that call too (peak_mem_bytes, mem_method)."""
     snap = snapshot(inputs)
     peak = how = None
+    try:   # fastbig warns once per (op, reason) and process: forget, so this call says it again
+        from .. import backends as _backends
+        _backends._reset_warnings()
+    except Exception:
+        pass
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
