@@ -252,6 +252,13 @@ def test_bad_arguments(argv, msg, capsys, tmp_path):
     assert msg in capsys.readouterr().err
 
 
+def test_help_and_unknown_options_return_codes(capsys):
+    assert harness.main(["--help"]) == 0
+    assert "usage: fastbig bench" in capsys.readouterr().out
+    assert harness.main(["--no-such-option"]) == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
     assert harness.main(["--device", "cuda", "--out", str(tmp_path)]) == 2

@@ -352,7 +352,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p, args = parse_args(argv)
+    try:
+        p, args = parse_args(argv)
+    except SystemExit as e:            # --help, or argparse's own usage error: a code, not a raise
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         p.print_usage(sys.stderr)
