@@ -236,13 +236,16 @@ def _new_seed():
     return torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64)
 
 
-def _finite(q, k, v) -> bool:
-    """One reduction per tensor (an overflowing sum only sends finite inputs to the reference).
-    Skipped while torch.compile traces: a data-dependent branch would break the graph."""
-    if torch.compiler.is_compiling() or q.numel() == 0 or k.numel() == 0:
-        return True
+def _q_has_nan(q) -> bool:
+    """SDPA's CPU kernel gives finite output for a query row holding NaN (the math, and the
+    reference, give NaN); inf in q and NaN/inf in k or v it propagates as the math does (checked
+    against the reference in float64). One reduction: NaN anywhere in q makes the sum NaN (so does
+    +inf with -inf, which then just takes the reference). Skipped while torch.compile traces: a
+    data-dependent branch would break the graph."""
+    if torch.compiler.is_compiling() or q.numel() == 0:
+        return False
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    return bool(torch.isfinite(q.sum(dtype=acc) + k.sum(dtype=acc) + v.sum(dtype=acc)))
+    return bool(torch.isnan(q.sum(dtype=acc)))
 
 
 def _reference(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale, return_lse):
@@ -329,9 +332,8 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
     cpu_ok = (True, "")
     if return_lse and dropout_p > 0:
         cpu_ok = (False, "the SDPA CPU kernel cannot return the log-sum-exp with dropout")
-    elif q.device.type == "cpu" and not _finite(q, k, v):
-        cpu_ok = (False, "the inputs hold NaN/inf, which the SDPA CPU kernel does not propagate "
-                         "as the math does")
+    elif q.device.type == "cpu" and _q_has_nan(q):
+        cpu_ok = (False, "q holds NaN, which the SDPA CPU kernel turns into finite numbers")
     backend = _backend(q, D, dropout_p, Sq, Sk, cpu_ok=cpu_ok)
     if backend == "cpu" and (q.numel() == 0 or k.numel() == 0):
         backend = "reference"  # SDPA's CPU kernel dies of SIGFPE on Sk == 0; nothing to compute
