@@ -349,9 +349,7 @@ def _ctor_args(m: nn.Module):
         return dict(input_size=m.input_size, hidden_size=m.hidden_size, bias=m.bias)
     if type(m) is nn.MultiheadAttention:
         return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=float(m.dropout),
-                    bias=m.in_proj_bias is not None or getattr(m, "q_proj_weight", None) is None
-                    and m.out_proj.bias is not None,
-                    add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn,
+                    bias=m.out_proj.bias is not None, add_bias_kv=m.bias_k is not None, add_zero_attn=m.add_zero_attn,
                     kdim=m.kdim, vdim=m.vdim, batch_first=m.batch_first)
     raise AssertionError(type(m))
 
@@ -359,8 +357,6 @@ def _ctor_args(m: nn.Module):
 def _swap_module(old: nn.Module, new_cls) -> nn.Module:
     """A ``new_cls`` made with old's constructor arguments, holding old's Parameter objects."""
     args = _ctor_args(old)
-    if type(old) is nn.MultiheadAttention:
-        args["bias"] = old.out_proj.bias is not None
     try:
         new = new_cls(**args, device="meta")
     except TypeError:
