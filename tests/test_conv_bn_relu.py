@@ -228,6 +228,16 @@ def test_track_running_stats_false_and_padding_mode():
         assert_close(block.train(mode)(x), seq.train(mode)(x), F64)
 
 
+def test_affine_false_train_and_eval_float64():
+    block = ConvBnLeakyReLU2d(3, 5, 3, stride=2, affine=False, negative_slope=0.05).double()
+    _randomize_bn(block.bn)
+    seq = nn.Sequential(copy.deepcopy(block.conv), copy.deepcopy(block.bn), nn.LeakyReLU(0.05))
+    for mode in (True, True, False):
+        x = randn(3, 3, 9, 7, dtype=F64)
+        assert_close(block.train(mode)(x), seq.train(mode)(x), F64, name=f"train={mode}")
+    assert_close(block.bn.running_var, seq[1].running_var, F64)
+
+
 def test_fold_cache_refreshes_after_load_state_dict_and_optimizer_step():
     block, cin, (H, W) = _make("relu3x3_c3")
     x = randn(2, cin, H, W)
