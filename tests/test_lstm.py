@@ -505,3 +505,15 @@ def test_cuda_lstm_cell_module():
 
 def test_devices_list_is_honest():
     assert ("cuda" in DEVICES) == HAS_CUDA
+
+
+def test_double_backward_is_a_clear_error():
+    x, h0, c0 = randn(3, 2, 4, dtype=F64, requires_grad=True), randn(2, 5, dtype=F64), randn(2, 5, dtype=F64)
+    w_ih, w_hh = randn(20, 4, dtype=F64, requires_grad=True), randn(20, 5, dtype=F64, requires_grad=True)
+    with _fast("cpu"):
+        y, h, c = fastbig.ops.lstm(x, h0, c0, w_ih, w_hh)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(y.square().sum(), (x, w_ih), create_graph=True)
+        y, h, c = fastbig.ops.lstm(x, h0, c0, w_ih, w_hh)
+        g = torch.autograd.grad(y.square().sum(), (x, w_ih))  # plain backward is unaffected
+    assert all(torch.isfinite(t).all() for t in g)

@@ -18,6 +18,16 @@ from ._checks import check_same, check_shape, check_tensor
 
 _OP = "lstm_cell"
 
+
+def _refuse_double_backward(op, *tensors):
+    """The fused backward kernels are not differentiable: under create_graph=True say so,
+    rather than hand back a second derivative that is silently zero."""
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
+        raise RuntimeError(f"fastbig.{op}: double backward (create_graph=True, higher-order gradients) "
+                           f"is not supported by the fused kernels; run it under "
+                           f"fastbig.backends.use('reference')")
+
 # ---- registration: fake impls and autograd for the C++ schemas ----------------------------
 if has_op("lstm_cell"):
 
@@ -39,6 +49,7 @@ if has_op("lstm_cell"):
 
     def _lstm_cell_backward(ctx, grad_h, grad_c, _grad_act):
         act, c_prev, c = ctx.saved_tensors
+        _refuse_double_backward(_OP, grad_h, grad_c, act, c_prev, c)
         if grad_h is None and grad_c is None:
             return None, None
         grad_gates, grad_c_prev = torch.ops.fastbig.lstm_cell_backward(grad_h, grad_c, act, c_prev, c)
@@ -108,6 +119,7 @@ if has_op("lstm_layer"):
 
     def _lstm_layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _g_act, _g_c_all, _g_hraw):
         x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, act, c_all, hraw = ctx.saved_tensors
+        _refuse_double_backward(_LAYER, grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr)
         if grad_y is None and grad_h_n is None and grad_c_n is None:
             return (None,) * 10
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastbig.lstm_layer_backward(
