@@ -160,8 +160,8 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
     if impl_filter:
         impls = [i for i in impls if any(f in i.name for f in impl_filter)]
     if any(i.compiled for i in impls) and case.compile_ok:
-        try:
-            importlib.import_module("torch._dynamo").reset()          # fresh compile caches: no recompile limit across cases
+        try:   # fresh compile caches: no recompile limit reached across cases
+            importlib.import_module("torch._dynamo").reset()
         except Exception:
             pass
     gen = torch.Generator().manual_seed(seed)
