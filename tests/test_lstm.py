@@ -464,14 +464,22 @@ def test_lstm_cell_unbatched_no_hx_and_errors():
 
 
 # ---- CUDA (skips here; runs on the GPU machine) ------------------------------------------
+@pytest.fixture
+def no_tf32():
+    """float32 GEMMs in full fp32 (the float32 tolerance is 1e-5), restored afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 CUDA_TOL_FACTOR = {torch.float32: 1.0, torch.float16: 1.0, torch.bfloat16: 1.0}
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cfg", [dict(), dict(num_layers=2, bidirectional=True, proj_size=17)], ids=["plain", "bi-proj"])
-def test_cuda_lstm_vs_float64(dtype, cfg):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cuda_lstm_vs_float64(dtype, cfg, no_tf32):
     tm, fm = _pair(33, 53, dtype=dtype, device="cuda", **cfg)
     D = 2 if tm.bidirectional else 1
     P = tm.proj_size or 53
@@ -482,10 +490,9 @@ def test_cuda_lstm_vs_float64(dtype, cfg):
 
 
 @pytest.mark.cuda
-def test_cuda_big_shape_and_opcheck():
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cuda_big_shape_and_opcheck(no_tf32):
     tm, fm = _pair(256, 256, device="cuda", num_layers=2)
-    _compare(fm, tm, randn(100, 64, 256), None, F32, "cuda")
+    _compare(fm, tm, randn(100, 64, 256), None, F32, "cuda", oracle="torch")
     args = _layer_args(device="cuda")
     torch.library.opcheck(torch.ops.fastbig.lstm_layer.default, args)
 
