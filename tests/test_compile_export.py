@@ -95,8 +95,13 @@ def _second_derivative(fn, inputs):
     return torch.autograd.grad(s, inputs, allow_unused=True)
 
 
+# ops whose double backward is still wrong / unclear: a reported, unfixed bug (strict xfail)
+KNOWN_BUGS: dict = {}
+
+
 @has_extension
-@pytest.mark.parametrize("op", list(OP_CASES))
+@pytest.mark.parametrize("op", [pytest.param(o, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[o])]
+                                             if o in KNOWN_BUGS else []) for o in OP_CASES])
 def test_double_backward_is_right_or_a_clear_error(op):
     """The reference supports gradgradcheck; the fast path either matches it or raises a clear
     RuntimeError (never a silently wrong second derivative)."""

@@ -25,7 +25,10 @@ import torch
 
 import _fuzz_cases as fc
 
-OPS = list(fc.OPS)
+# ops whose default cases still fail because of a reported, unfixed bug: op -> reason (strict)
+KNOWN_BUGS: dict = {}
+OPS = [pytest.param(op, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[op])] if op in KNOWN_BUGS else [])
+       for op in fc.OPS]
 
 
 def _count(op):

@@ -1183,7 +1183,20 @@ def _id(r):
     return f"{r.op}: {r.case}"
 
 
-@pytest.mark.parametrize("r", ROWS, ids=[_id(r) for r in ROWS])
+# rows that still fail because of a reported, unfixed bug (/tmp/bugs/<op>.md): id -> reason.
+# strict: when the bug is fixed the row XPASSes, which fails, so the mark gets removed.
+KNOWN_BUGS: dict = {}
+
+
+def _params():
+    out = []
+    for r in ROWS:
+        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[_id(r)])] if _id(r) in KNOWN_BUGS else []
+        out.append(pytest.param(r, id=_id(r), marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("r", _params())
 def test_bad_input_table(r):
     run_row(r)
 
