@@ -77,8 +77,16 @@ ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& in
 }
 
 // Mean and m2 of one chunk of len elements by two passes over it (it is in cache for the second).
+// float64 (the gradcheck / oracle-precision path, where speed does not matter) takes the
+// per-element Welford update instead, the very function each CUDA thread runs, so the CPU tests
+// exercise it too.
 template <typename scalar_t, typename acc_t>
 inline Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    Welford<acc_t> w = welford_init<acc_t>();
+    for (int64_t i = 0; i < len; ++i) welford_update(w, acc_t(p[i]));
+    return w;
+  }
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < len; ++i) s += acc_t(p[i]);
@@ -119,6 +127,12 @@ void stats_nhwc(const scalar_t* z, int64_t M, int64_t C, acc_t* mean, acc_t* var
     std::vector<acc_t> s(C), q(C);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * rows, r1 = std::min(M, r0 + rows);
+      if constexpr (std::is_same_v<scalar_t, double>) {  // per-element Welford, as on CUDA
+        for (int64_t c = 0; c < C; ++c) part[b * C + c] = welford_init<acc_t>();
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = 0; c < C; ++c) welford_update(part[b * C + c], acc_t(z[r * C + c]));
+        continue;
+      }
       std::fill(s.begin(), s.end(), acc_t(0));
       std::fill(q.begin(), q.end(), acc_t(0));
       acc_t* sp = s.data();
