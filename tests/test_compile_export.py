@@ -188,3 +188,38 @@ def test_export_model_for_inference(name):
         ep = torch.export.export(m, args)
         got = ep.module()(*args)
     assert_close(got, expected.double(), torch.float32)
+
+
+@has_extension
+def test_opcheck_backward_and_mutating_ops():
+    """The backward ops and the in-place running-statistics update, called as autograd calls them."""
+    with torch.no_grad():
+        a, c = _R(3, 8, seed=1, requires_grad=False), _R(3, 2, seed=2, requires_grad=False)
+        h, cn, act = torch.ops.fastbig.lstm_cell(a, c)
+    gh, gc = _R(3, 2, seed=3, requires_grad=False), _R(3, 2, seed=4, requires_grad=False)
+    torch.library.opcheck(torch.ops.fastbig.lstm_cell_backward.default, (gh, gc, act, c, cn))
+    torch.library.opcheck(torch.ops.fastbig.lstm_cell_backward.default, (gh, None, act, c, cn))
+
+    x, h0, c0 = (_R(*s, seed=i, requires_grad=False) for i, s in enumerate([(6, 4), (2, 3), (2, 3)]))
+    wi, wh, b = (_R(*s, seed=9 + i, requires_grad=False) * 0.5 for i, s in enumerate([(12, 4), (12, 3), (12,)]))
+    y, hn, cn, act, c_all, hraw = torch.ops.fastbig.lstm_layer(x, h0, c0, wi, wh, b, None, None, None, False)
+    gy = _R(*y.shape, seed=20, requires_grad=False)
+    torch.library.opcheck(torch.ops.fastbig.lstm_layer_backward.default,
+                          (gy, None, None, x, h0, c0, wi, wh, None, None, False, y, act, c_all, hraw))
+
+    z, w, bb = _R(3, 2, 2, 2, seed=30, requires_grad=False), _R(2, seed=31, requires_grad=False), \
+        _R(2, seed=32, requires_grad=False)
+    yb, mean, invstd, var = torch.ops.fastbig.bn_act_forward(z, w, bb, 1e-5, 1, 0.01)
+    torch.library.opcheck(torch.ops.fastbig.bn_act_backward.default,
+                          (_R(*z.shape, seed=33, requires_grad=False), z, mean, invstd, w, bb, 1, 0.01))
+    rm, rv, nbt = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), \
+        torch.zeros((), dtype=torch.long)
+    torch.library.opcheck(torch.ops.fastbig.bn_update_running_stats_.default, (rm, rv, nbt, mean, var, 12, 0.1))
+
+
+def test_opcheck_attention_backward_triton(interpret_triton):
+    q, k, v = (_R(1, 2, 8, 16, seed=s, dtype=torch.float32, requires_grad=False) for s in (1, 2, 3))
+    out, lse = torch.ops.fastbig.flash_attn(q, k, v, None, None, None, None, 8, 8, 0.25, -1, 0, 0.0, None)
+    do = _R(1, 2, 8, 16, seed=4, dtype=torch.float32, requires_grad=False)
+    torch.library.opcheck(torch.ops.fastbig.flash_attn_backward.default,
+                          (do, q, k, v, out, lse, None, None, None, None, 8, 8, 0.25, -1, 0, 0.0, None, False))
