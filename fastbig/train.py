@@ -330,7 +330,7 @@ def _build(task: Task, fused: bool, name: str) -> nn.Module:
 
 
 def fit(name: str, cfg: dict, *, splits=None, out: Optional[str] = None, state: Optional[dict] = None,
-        verbose: bool = True, log=None) -> dict:
+        verbose: bool = True, progress: bool = True, log=None) -> dict:
     """Train ``name`` with ``cfg``; returns {"model", "history", "val", "seconds_per_epoch", ...}.
 
     ``state`` is a loaded checkpoint to continue from. ``out``: folder for checkpoint.pt
@@ -374,7 +374,7 @@ def fit(name: str, cfg: dict, *, splits=None, out: Optional[str] = None, state: 
     val = history[-1]["val"] if history else {}
     for epoch in range(start, cfg["epochs"]):
         gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-        prog = Progress(steps, f"epoch {epoch + 1}/{cfg['epochs']}", enabled=verbose)
+        prog = Progress(steps, f"epoch {epoch + 1}/{cfg['epochs']}", enabled=verbose and progress)
         t0 = time.perf_counter()
         train_loss = _train_epoch(task, model, opts, scheds, splits["train"], cfg, device, gen, prog)
         if device.type == "cuda":
@@ -492,7 +492,7 @@ def _train_parser():
                    help="epochs per tuning trial (default: a third of --epochs, at least 1)")
     p.add_argument("--limit", type=_positive_int,
                    help="use at most N examples per split (quick runs and tests)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (epoch lines stay)")
     return p
 
 
@@ -609,7 +609,7 @@ def _run_train(args, log) -> int:
             raise UsageError("--tune: dcgan has no validation score to select on")
         out = args.out or os.path.join("runs", args.model)
     _resolve_device(cfg["device"])  # fail early on a bad --device
-    verbose = not args.quiet
+    progress = not args.quiet
     with _backend_ctx(cfg.get("backend")):
         splits = task.data(seed=cfg["seed"], limit=cfg.get("limit"))
         if args.tune:
@@ -618,7 +618,7 @@ def _run_train(args, log) -> int:
             f" on {_resolve_device(cfg['device'])}: {cfg['epochs']} epochs, batch {cfg['batch_size']},"
             f" {cfg['optimizer']} lr {cfg['lr']:.2e} ({cfg['lr_schedule']}), "
             f"{splits['train'][0].shape[0]} training examples")
-        r = fit(args.model, cfg, splits=splits, out=out, state=state, verbose=verbose, log=log)
+        r = fit(args.model, cfg, splits=splits, out=out, state=state, progress=progress, log=log)
         test = evaluate(task, r["model"], splits["test"], max(cfg["batch_size"], 256), r["device"])
     log(f"test: {_fmt(test)}")
     os.makedirs(out, exist_ok=True)
