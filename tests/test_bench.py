@@ -264,6 +264,15 @@ def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_thread_choice():
+    assert harness.choose_threads(3, 2, 9.0, 2) == (3, "")            # --threads wins
+    assert harness.choose_threads(None, 2, 0.5, 2) == (2, "")         # an idle machine
+    n, why = harness.choose_threads(None, 2, 9.0, 2)                  # oversubscribed
+    assert n == 1 and "load average is 9.0 on 2 CPUs" in why and "--threads 2" in why
+    assert harness.choose_threads(None, 1, 9.0, 2) == (1, "")
+    assert harness.choose_threads(None, 2, None, 2) == (2, "")
+
+
 def test_results_names_and_datasheet():
     assert report.results_stem({"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3",
                                 "date": "2026-11-23"}) == "cuda-h100-80gb-hbm3-2026-11-23"

@@ -304,7 +304,8 @@ def metadata(device: str, args, roof: dict) -> dict:
         "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
         "python": platform.python_version(), "platform": platform.platform(),
         "fastbig": fb_v, "fastbig_build": build, "git_commit": _git_commit(),
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "threads_reason": getattr(args, "threads_reason", ""),
+        "cpu_count": os.cpu_count(),
         "loadavg_start": loadavg(), "roof": roof,
         "date": now.strftime("%Y-%m-%d"), "time_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "quick": bool(args.quick), "smoke": bool(args.smoke), "argv": list(args.argv),
@@ -350,6 +351,20 @@ def parse_args(argv):
     return p, args
 
 
+def choose_threads(requested: Optional[int], current: int, load: Optional[float],
+                   ncpu: Optional[int]) -> tuple:
+    """(threads, why-if-changed). --threads wins; else, on a CPU whose load average already
+    exceeds its core count, 1 thread: OpenMP threads that wait for a descheduled peer would
+    time the scheduler, not the kernels (seen here: 100x slower LSTM steps at 2 threads)."""
+    if requested:
+        return requested, ""
+    if load is not None and ncpu and current > 1 and load > ncpu:
+        return 1, (f"the load average is {load:.1f} on {ncpu} CPUs: timing with 1 thread instead "
+                   f"of {current} (stalled OpenMP threads would time the scheduler); "
+                   f"--threads {current} to insist")
+    return current, ""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -384,8 +399,11 @@ def main(argv=None) -> int:
     # torch.backends.mkldnn.flags() (the oneDNN-off LSTM baseline) warns about Intel-GPU TF32
     warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
     threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    n, args.threads_reason = choose_threads(args.threads, threads_before,
+                                            loadavg() if device == "cpu" else None, os.cpu_count())
+    if args.threads_reason:
+        print(f"fastbig bench: {args.threads_reason}", file=sys.stderr, flush=True)
+    torch.set_num_threads(n)
     try:
         return _run(args, device, ops, dtypes)
     finally:
@@ -413,11 +431,8 @@ def _run(args, device, ops, dtypes) -> int:
 
     la, ncpu = loadavg(), os.cpu_count() or 1
     if device == "cpu" and la is not None and la > ncpu:
-        nt = torch.get_num_threads()
-        hint = (f" (with {nt} threads, waiting threads stall each other: --threads 1 is steadier)"
-                if nt > 1 else "")
         print(f"fastbig bench: the load average is {la:.1f} on {ncpu} CPUs: other work shares this "
-              f"machine, so CPU timings will be slow and noisy{hint}", file=sys.stderr, flush=True)
+              f"machine, so CPU timings will be slow and noisy", file=sys.stderr, flush=True)
     print(f"fastbig bench: measuring the roof of {device} ...", file=sys.stderr, flush=True)
     roof = roof_mod.roof(device, quick=args.quick, smoke=args.smoke)
     meta = metadata(device, args, roof)

@@ -115,6 +115,8 @@ def table(meta: dict, cases: List[dict]) -> str:
         "errors: ||out - ref|| / ||ref|| vs the float64 oracle (max over outputs and gradients); "
         "a result over tolerance posts no time",
     ]
+    if meta.get("threads_reason"):
+        lines.append(f"threads: {meta['threads_reason']}")
     loads = [x for x in (meta.get("loadavg_start"), meta.get("loadavg_end")) if x is not None]
     if loads and meta.get("cpu_count") and max(loads) > meta["cpu_count"]:
         lines.append(f"WARNING: load average {max(loads):.1f} on {meta['cpu_count']} CPUs during the "
