@@ -87,16 +87,27 @@ inline Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len) {
     for (int64_t i = 0; i < len; ++i) welford_update(w, acc_t(p[i]));
     return w;
   }
+  // kLanes independent partial sums: vector registers and no serial add chain
+  constexpr int kLanes = 16;
+  acc_t sl[kLanes] = {}, ql[kLanes] = {};
+  const int64_t body = len - len % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) sl[l] += acc_t(p[i + l]);
   acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < len; ++i) s += acc_t(p[i]);
+  for (int64_t i = body; i < len; ++i) s += acc_t(p[i]);
+  for (int l = 0; l < kLanes; ++l) s += sl[l];
   const acc_t m = s / acc_t(len);
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t d = acc_t(p[i + l]) - m;
+      ql[l] += d * d;
+    }
   acc_t q = 0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t i = 0; i < len; ++i) {
+  for (int64_t i = body; i < len; ++i) {
     const acc_t d = acc_t(p[i]) - m;
     q += d * d;
   }
+  for (int l = 0; l < kLanes; ++l) q += ql[l];
   return welford_from_chunk<acc_t>(m, q, len);
 }
 
