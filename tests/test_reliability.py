@@ -211,7 +211,8 @@ def _():
 @row("attention", "empty batch (B=0)", "works")
 def _():
     q, k, v = _qkv(B=0)
-    return _attn_spec(q, k, v, check=lambda o: (o.shape == (0, 2, 5, 16)) or "shape" and "")
+    return _attn_spec(q, k, v, check=lambda o: f"shape {tuple(o.shape)}" if o.shape == (0, 2, 5, 16)
+                      else (_ for _ in ()).throw(AssertionError(f"shape {tuple(o.shape)}")))
 
 
 @row("attention", "empty query seq (Sq=0)", "works")
@@ -300,6 +301,58 @@ def _():
 def _():
     q, k, v = _qkv()
     return _attn_spec(q, k, v, dropout_p=1.5)
+
+
+# the same layouts and edge cases through the Triton kernels (the interpreter on CPU tensors)
+def _triton_spec(spec):
+    call = spec["call"]
+
+    def run():
+        if not fastbig.backends.triton_interpret() and not torch.cuda.is_available():
+            raise RuntimeError("needs TRITON_INTERPRET=1")  # pragma: no cover
+        with backends.use("triton"):
+            return call()
+    return dict(spec, call=run)
+
+
+@row("attention[triton]", "non-contiguous q/k/v, return_lse", "works")
+def _():
+    q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in _qkv())
+    return _triton_spec(_attn_spec(q, k, v, check=_attn_ref_check(q, k, v, causal=True, return_lse=True),
+                                   causal=True, return_lse=True))
+
+
+@row("attention[triton]", "expanded (stride 0) batch and mask", "works")
+def _():
+    q, k, v = (t[:1].expand(3, -1, -1, -1) for t in _qkv())
+    m = R(1, 1, 5, 7).expand(3, 2, 5, 7)
+    return _triton_spec(_attn_spec(q, k, v, check=_attn_ref_check(q, k, v, attn_mask=m), attn_mask=m))
+
+
+@row("attention[triton]", "empty key seq (Sk=0): rows give 0", "works")
+def _():
+    q, k, v = _qkv(Sk=0)
+    return _triton_spec(_attn_spec(q, k, v, check=_zeros_check))
+
+
+@row("attention[triton]", "empty batch (B=0)", "works")
+def _():
+    q, k, v = _qkv(B=0)
+    return _triton_spec(_attn_spec(q, k, v, check=lambda o: f"shape {tuple(o.shape)}" if o.shape == (0, 2, 5, 16)
+                                   else (_ for _ in ()).throw(AssertionError(f"shape {tuple(o.shape)}"))))
+
+
+@row("attention[triton]", "NaN in one query row", "works")
+def _():
+    q, k, v = _qkv()
+    q[1, 0, 2, 3] = float("nan")
+    return _triton_spec(_attn_spec(q, k, v, check=_nan_pattern_check(q, k, v)))
+
+
+@row("attention[triton]", "head dim 512, forced triton", "raises", RuntimeError, r"head dim.*256.*512")
+def _():
+    q, k, v = _qkv(D=512, Sq=3, Sk=4)
+    return _triton_spec(_attn_spec(q, k, v))
 
 
 # =====================================================================================
