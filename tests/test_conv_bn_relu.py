@@ -295,6 +295,13 @@ def test_gradcheck_float64(act):
     assert torch.autograd.gradcheck(g, (x, cw), fast_mode=True)
 
 
+def test_double_backward_goes_through_a_differentiable_path():
+    z = randn(2, 3, 3, 2, dtype=F64, requires_grad=True)
+    w, b = randn(3, dtype=F64, requires_grad=True), randn(3, dtype=F64, requires_grad=True)
+    f = lambda z, w, b: fastbig.ops.bn_act(z, w, b, activation="leaky_relu", negative_slope=0.3)  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (z, w, b), fast_mode=True)
+
+
 def test_opcheck():
     z = randn(3, 5, 4, 3)
     w, b = randn(5), randn(5)

@@ -69,14 +69,34 @@ if has_op("bn_act_forward"):
         return None
 
     def _bn_act_setup(ctx, inputs, output):
-        z, weight, bias, _eps, act, slope = inputs
+        z, weight, bias, eps, act, slope = inputs
         _y, mean, invstd, var = output
         ctx.save_for_backward(z, mean, invstd, weight, bias)
-        ctx.act, ctx.slope = act, slope
+        ctx.act, ctx.slope, ctx.eps = act, slope, eps
         ctx.mark_non_differentiable(mean, invstd, var)
+
+    _ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
+
+    def _bn_act_backward_differentiable(ctx, grad_y, z, weight, bias):
+        """create_graph=True (double backward): the same gradient through the plain-torch oracle,
+        so that it is itself differentiable and right."""
+        leaf = lambda t: None if t is None else (t if t.requires_grad else t.detach().requires_grad_())  # noqa
+        zz, ww, bb = leaf(z), leaf(weight), leaf(bias)
+        with torch.enable_grad():
+            y, _ = ref.bn_act(zz, ww, bb, training=True, eps=ctx.eps, act=_ACT_NAMES[ctx.act],
+                              negative_slope=ctx.slope)
+            wrt = [t for t in (zz, ww, bb) if t is not None]
+            got = list(torch.autograd.grad(y, wrt, grad_y, create_graph=True, allow_unused=True))
+        gz = got.pop(0)
+        gw = got.pop(0) if ww is not None else None
+        gb = got.pop(0) if bb is not None else None
+        return (gz, gw if ctx.needs_input_grad[1] else None, gb if ctx.needs_input_grad[2] else None,
+                None, None, None)
 
     def _bn_act_backward(ctx, grad_y, _gm, _gi, _gv):
         z, mean, invstd, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): keep the graph, exactly
+            return _bn_act_backward_differentiable(ctx, grad_y, z, weight, bias)
         gz, gw, gb = torch.ops.fastbig.bn_act_backward(grad_y, z, mean, invstd, weight, bias, ctx.act,
                                                        ctx.slope)
         gw = gw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
