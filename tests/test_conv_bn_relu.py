@@ -302,6 +302,16 @@ def test_double_backward_goes_through_a_differentiable_path():
     assert torch.autograd.gradgradcheck(f, (z, w, b), fast_mode=True)
 
 
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_nan_propagates_like_torch(act):
+    z = randn(3, 4, 5, 5)
+    z[1, 2, 3, 4] = float("nan")  # channel 2's statistics go NaN, as in BatchNorm2d
+    for zz in (z, z.to(memory_format=torch.channels_last)):
+        y = fastbig.ops.bn_act(zz, activation=act)
+        y_ref, _ = ref.bn_act(zz.double(), None, None, act=act)
+        assert torch.equal(y.isnan(), y_ref.isnan()) and y[:, 2].isnan().all() and not y[:, 0].isnan().any()
+
+
 def test_opcheck():
     z = randn(3, 5, 4, 3)
     w, b = randn(5), randn(5)

@@ -5,7 +5,7 @@
 // Forward, per channel c with batch mean m, biased variance v, count n:
 //   invstd = 1 / sqrt(v + eps)        a = gamma * invstd
 //   u = (z - m) * a + beta            y = act(u)
-// act: none (u), relu (max(u, 0)), leaky_relu (u > 0 ? u : slope * u).
+// act: none (u), relu (max(u, 0)), leaky_relu (u > 0 ? u : slope * u); NaN stays NaN.
 //
 // Backward, from dy: the activation's gradient dy' = dy * act'(u) (u recomputed bit for bit
 // from z with the forward's function), then per channel
@@ -40,10 +40,11 @@ FB_HD T bn_pre(T z, T mean, T a, T beta) {
   return (z - mean) * a + beta;
 }
 
+// NaN propagates as in torch.relu / leaky_relu: a NaN u fails `u < 0` and is returned as is.
 template <typename T>
 FB_HD T act_forward(T u, int64_t act, T slope) {
-  if (act == kRelu) return u > T(0) ? u : T(0);
-  if (act == kLeakyRelu) return u > T(0) ? u : u * slope;
+  if (act == kRelu) return u < T(0) ? T(0) : u;
+  if (act == kLeakyRelu) return u < T(0) ? u * slope : u;
   return u;
 }
 
