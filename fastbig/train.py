@@ -101,7 +101,7 @@ def _tasks() -> Dict[str, Task]:
                                                     dim_feedforward=128, dropout=0.0, max_len=16,
                                                     fused=f),
                             D.copy_task, "seq2seq", "acc", True,
-                            dict(cls, epochs=8, batch_size=64, lr=1e-3),
+                            dict(cls, epochs=12, batch_size=64, lr=3e-3, lr_schedule="onecycle"),
                             "encoder-decoder Transformer: copy 10 tokens"),
         "bert": Task(lambda f: M.BertEncoder(vocab_size=8, hidden_size=64, num_layers=2, num_heads=4,
                                              intermediate_size=128, max_position=32, dropout=0.0,
