@@ -14,7 +14,7 @@ $(VPY):
 
 env: $(VPY)
 	$(VPY) -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
-	$(VPY) -m pip install -q "torch>=2.4" numpy ninja pybind11 pytest pytest-benchmark hypothesis pyyaml scikit-learn matplotlib
+	$(VPY) -m pip install -q "torch>=2.4" numpy ninja pybind11 pytest pytest-benchmark hypothesis pyyaml scikit-learn matplotlib torchvision transformers
 
 # The extension: CUDA when torch has CUDA and nvcc is found, else C++ only (FASTBIG_CPU_ONLY=1 forces it).
 build: env

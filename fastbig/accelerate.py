@@ -532,14 +532,3 @@ def accelerate(model: nn.Module, ops: Sequence[str] = OPS, inplace: bool = True)
         raise RuntimeError("fastbig.accelerate changed the model's state_dict keys: "
                            f"{sorted(set(keys_before) ^ set(keys_after))[:5]}")
     return report
-
-
-# ``fastbig.accelerate`` is looked up lazily by fastbig/__init__.py; importing this submodule makes
-# the package attribute ``fastbig.accelerate`` the module itself, so the module is made callable
-# (it calls ``accelerate``) and ``fastbig.accelerate(model)`` works either way.
-class _CallableModule(__import__("types").ModuleType):
-    def __call__(self, *args, **kwargs):
-        return accelerate(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
