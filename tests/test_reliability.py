@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastbig
-from fastbig import backends
-from fastbig.backends import FastbigFallbackWarning
-from fastbig.reference import attention as ref_attn
-from fastbig.reference import conv_bn_relu as ref_conv
-from fastbig.reference import lstm as ref_lstm
-from conftest import assert_close, rel_err, tol
+from conftest import assert_close, rel_err, tol  # first: sets TRITON_INTERPRET=1 without a GPU
+
+import fastbig  # noqa: E402
+from fastbig import backends  # noqa: E402
+from fastbig.backends import FastbigFallbackWarning  # noqa: E402
+from fastbig.reference import attention as ref_attn  # noqa: E402
+from fastbig.reference import conv_bn_relu as ref_conv  # noqa: E402
+from fastbig.reference import lstm as ref_lstm  # noqa: E402
 
 ERRORS = (ValueError, TypeError, RuntimeError)
 
