@@ -161,8 +161,6 @@ def test_ddp_fused_models_train_like_their_twins(ddp_results):
 
 
 @has_extension
-@pytest.mark.xfail(strict=True, reason="a SyncBatchNorm-converted ConvBnReLU2d silently uses per-process "
-                                       "statistics; reported in /tmp/bugs/conv_bn_relu.md, unfixed at 01:00")
 def test_syncbatchnorm_is_synced_or_a_clear_error(ddp_results):
     """torch's SyncBatchNorm syncs statistics over the process group (on CPU it raises a clear
     ValueError). A fastbig conv-bn block whose BatchNorm was converted must do one of those, not

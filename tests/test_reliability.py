@@ -1240,8 +1240,6 @@ def _id(r):
 # rows that still fail because of a reported, unfixed bug (/tmp/bugs/<op>.md): id -> reason.
 # strict: when the bug is fixed the row XPASSes, which fails, so the mark gets removed.
 KNOWN_BUGS: dict = {
-    "LSTM: empty batch (B=0)": "fastbig.nn.LSTM rejects B=0 (ValueError from ops.lstm) where torch.nn.LSTM "
-                               "returns empty outputs; reported in /tmp/bugs/lstm.md, unfixed at 01:00",
 }
 
 

@@ -111,6 +111,11 @@ class _ConvBnAct(nn.Sequential):
         conv, bn = self.conv, self.bn
         activation, slope = _activation_of(self.act)
         batch_stats = self.training or not bn.track_running_stats or bn.running_mean is None
+        if batch_stats and isinstance(bn, torch.nn.SyncBatchNorm):
+            # Converted with nn.SyncBatchNorm.convert_sync_batchnorm: the fused kernels compute
+            # per-process statistics, so run torch's SyncBatchNorm itself (it synchronizes across
+            # the process group on GPU, and raises its own clear error on CPU).
+            return self.act(bn(conv(x))) if len(self) > 2 else bn(conv(x))
         if batch_stats:
             track = self.training and bn.track_running_stats and bn.running_mean is not None
             momentum = bn.momentum

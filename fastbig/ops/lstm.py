@@ -145,8 +145,9 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
     P = w_hr.shape[0] if w_hr is not None else H
     if batch_sizes is None:
         check_tensor(_LAYER, "x", x, dim=3)
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"{_LAYER}: x must be a non-empty [T, B, input_size], got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{_LAYER}: x must be non-empty in time, [T > 0, B, input_size], "
+                             f"got {tuple(x.shape)}")
     else:
         check_tensor(_LAYER, "x", x, dim=2)
         if not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1:
@@ -198,6 +199,11 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=
     _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
     unpacked = batch_sizes is None
     x2 = x.reshape(x.shape[0] * x.shape[1], x.shape[2]) if unpacked else x
+    if unpacked and x.shape[1] == 0:
+        # An empty batch: nothing to compute; empty outputs as torch.nn.LSTM gives (linked to x,
+        # h0 and c0 so that backward runs and gives them their empty gradients).
+        y = x.new_zeros(x.shape[0], 0, w_hh.shape[1]) + x.sum()
+        return y, h0 + 0, c0 + 0
     if _layer_backend(x.device) == "reference":
         y, h_n, c_n = ref.lstm_layer(x2, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=batch_sizes,
                                      reverse=bool(reverse))
