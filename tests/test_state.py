@@ -200,12 +200,12 @@ def _leak_case(op):
     raise KeyError(op)
 
 
-# Iterations (one thread): a tiny step costs ~0.8 ms (lstm_cell) to ~2.3 ms (conv_bn_act) on
-# this 2-core machine, mostly autograd's Python overhead, so 10k for lstm_cell and 1k for the
-# others keeps the test within the suite's budget; the bound scales with the count (20 MiB per
-# 10k steps, at least 4 MiB for allocator noise), i.e. it catches > ~2 KB leaked per step. The
-# Triton interpreter costs ~0.2 s a step: 10 steps there check the launch path, not a long run.
-LEAK_ITERS = {"lstm_cell": 10_000, "lstm": 1_000, "conv_bn_act": 1_000, "attention": 1_000,
+# Iterations (one thread): 10k forward+backward steps of each op, as the reliability issue asks;
+# a tiny step costs ~0.5 ms (lstm_cell) to ~2 ms (conv_bn_act) on this 2-core machine, mostly
+# autograd's Python overhead. The bound scales with the count (20 MiB per 10k steps, at least
+# 4 MiB for allocator noise), i.e. it catches > ~2 KB leaked per step. The Triton interpreter
+# costs ~0.2 s a step: 10 steps there check the launch path, not a long run.
+LEAK_ITERS = {"lstm_cell": 10_000, "lstm": 10_000, "conv_bn_act": 10_000, "attention": 10_000,
               "attention_triton": 10}
 
 
