@@ -147,6 +147,12 @@ class _ConvBnAct(nn.Sequential):
         return _ops._activation_(z, activation, slope)
 
 
+def _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+          device, dtype):
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                     padding_mode, device=device, dtype=dtype)
+
+
 def _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype):
     return nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
                           track_running_stats=track_running_stats, device=device, dtype=dtype)
@@ -160,8 +166,8 @@ class ConvBnReLU2d(_ConvBnAct):
                  bias=False, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                      padding_mode, device=device, dtype=dtype),
+            _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                  padding_mode, device, dtype),
             _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype),
             nn.ReLU())
 
@@ -174,8 +180,8 @@ class ConvBnLeakyReLU2d(_ConvBnAct):
                  bias=False, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, negative_slope=0.01):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                      padding_mode, device=device, dtype=dtype),
+            _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                  padding_mode, device, dtype),
             _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype),
             nn.LeakyReLU(negative_slope))
 
@@ -188,8 +194,8 @@ class ConvBn2d(_ConvBnAct):
                  bias=False, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                      padding_mode, device=device, dtype=dtype),
+            _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                  padding_mode, device, dtype),
             _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype))
 
 
