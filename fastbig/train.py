@@ -435,34 +435,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _arg_type(cast, ok, expected):
+    """An argparse type: cast the string, then require ok(value); the error says what was expected."""
+    def parse(s):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return v
+    return parse
 
 
-def _positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def _nonneg_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    return v
+_positive_int = _arg_type(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _arg_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+_nonneg_float = _arg_type(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 
 
 def _train_parser():
