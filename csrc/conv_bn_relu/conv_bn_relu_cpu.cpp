@@ -171,8 +171,9 @@ void stats_nhwc(const scalar_t* z, int64_t M, int64_t C, acc_t* mean, acc_t* var
       std::copy(qp, qp + C, pq.begin() + b * C);
     }
   });
-  // Chan's merge of the blocks in block order (as welford_merge over each channel would, bit
-  // for bit), all channels of a block at once: they share the counts, so one division per block.
+  // Chan's merge of the blocks in block order, with welford_merge's arithmetic (the same
+  // welford_merge_moments), all channels of a block at once: they share the counts, so one
+  // division per block instead of one per block and channel.
   std::vector<acc_t> am(pm.begin(), pm.begin() + C), aq(pq.begin(), pq.begin() + C);
   acc_t* amp = am.data();
   acc_t* aqp = aq.data();
