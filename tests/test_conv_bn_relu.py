@@ -315,6 +315,27 @@ def test_eval_inference_fused_conv_act_vs_float64_oracle(name, channels_last, mo
         assert calls == [torch._mkldnn if packed else torch.strided], calls
 
 
+@pytest.mark.parametrize("name", ["relu3x3_c3", "transposed_groups"])
+def test_eval_inference_model_moved_to_channels_last(name, monkeypatch):
+    """model.to(memory_format=channels_last) makes the conv weight channels_last too: the fused
+    oneDNN path still runs for channels_last inputs; NCHW inputs get torch's layout choice."""
+    block, cin, (H, W) = _make(name)
+    block.eval().to(memory_format=torch.channels_last)
+    seq = _seq_twin(block)
+    strides = lambda t: [st for st, n in zip(t.stride(), t.shape) if n > 1]  # noqa: E731
+    for cl in (True, False):
+        x = randn(2, cin, H, W)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        with _count_onednn(monkeypatch) as calls, torch.no_grad():
+            y, y_nn = block(x), seq(x)
+        y64, _ = _ref_forward(block, _ref_state(block), x.double(), False)
+        assert_close(y, y64, name=f"channels_last input={cl}")
+        assert strides(y) == strides(y_nn)
+        if torch.backends.mkldnn.is_available():
+            assert len(calls) == (1 if cl else 0), calls
+
+
 def test_eval_inference_1x1_single_thread_and_no_onednn_paths(monkeypatch):
     """The paths beside oneDNN's: a 1x1 NCHW conv with one thread (torch's GEMM, then bias + ReLU
     in one pass), oneDNN switched off, and autograd on (the differentiable fold): each right."""

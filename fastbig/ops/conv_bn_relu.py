@@ -197,7 +197,7 @@ def _onednn_conv_act_ok(x, weight, bias, padding, transposed) -> bool:
         return False
     if bias is not None and bias.dtype != torch.float32:
         return False
-    if isinstance(padding, str) or x.dim() != 4 or x.numel() == 0 or not weight.is_contiguous():
+    if isinstance(padding, str) or x.dim() != 4 or x.numel() == 0:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
@@ -205,10 +205,11 @@ def _onednn_conv_act_ok(x, weight, bias, padding, transposed) -> bool:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
-    if x.is_contiguous():
+    if x.is_contiguous():  # (a channels_last weight would make torch's conv write channels_last)
         one_by_one = tuple(weight.shape[-2:]) == (1, 1)
-        return not (one_by_one and not transposed and torch.get_num_threads() == 1)
-    return x.is_contiguous(memory_format=torch.channels_last)
+        return weight.is_contiguous() and not (one_by_one and not transposed and torch.get_num_threads() == 1)
+    cl = torch.channels_last  # a model moved to channels_last has channels_last weights too
+    return x.is_contiguous(memory_format=cl) and (weight.is_contiguous() or weight.is_contiguous(memory_format=cl))
 
 
 def _onednn_conv_act(x, weight, bias, stride, padding, dilation, groups, transposed, output_padding, activation,
@@ -216,6 +217,8 @@ def _onednn_conv_act(x, weight, bias, stride, padding, dilation, groups, transpo
     """The one oneDNN primitive (callers check _onednn_conv_act_ok). ``weight`` is the dense
     weight or, for a conv (not transposed), one prepacked by onednn_pack_conv_weight."""
     scalars = [float(negative_slope)] if activation == "leaky_relu" else []
+    if weight.layout == torch.strided:
+        weight = weight.contiguous()  # oneDNN's dense weight: plain OIHW (IOHW transposed)
     if transposed:
         return torch.ops.mkldnn._convolution_transpose_pointwise(
             x, weight, bias, _pair(padding), _pair(output_padding), _pair(stride), _pair(dilation), groups,
@@ -231,7 +234,7 @@ def onednn_pack_conv_weight(weight, stride, padding, dilation, groups, input_siz
     weight): measured here, 1x1 C64->64 56x56 N8 2.8 ms vs 4.5 ms with the dense weight, which
     oneDNN reorders on every call."""
     with torch.no_grad():
-        return torch.ops.mkldnn._reorder_convolution_weight(weight, _pair(padding), _pair(stride), _pair(dilation),
+        return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), _pair(padding), _pair(stride), _pair(dilation),
                                                            groups, list(input_size))
 
 
