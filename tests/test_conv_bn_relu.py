@@ -2,6 +2,7 @@
 oracle (fastbig.reference.conv_bn_relu) and vs torch.nn's Sequential they replace."""
 import contextlib
 import copy
+import io
 
 import pytest
 import torch
@@ -266,6 +267,172 @@ def test_fold_cache_refreshes_after_load_state_dict_and_optimizer_step():
         block.bn.eps = 1e-1  # eps is in the key too
         y_ref, _ = _ref_forward(block, _ref_state(block), x.double(), False)
         assert_close(block(x), y_ref, name="after eps change")
+
+
+@contextlib.contextmanager
+def _count_onednn(monkeypatch):
+    """Counts the calls of the fused oneDNN conv + activation path (the real one still runs)."""
+    calls = []
+    real = fastbig.ops.conv_bn_relu._onednn_conv_act
+
+    def spy(*a, **k):
+        calls.append(a[1].layout)  # the weight's layout: torch.strided (dense) or torch._mkldnn (packed)
+        return real(*a, **k)
+    monkeypatch.setattr(fastbig.ops.conv_bn_relu, "_onednn_conv_act", spy)
+    yield calls
+
+
+def _seq_twin(block):
+    """torch.nn's Sequential of deep copies of the block's layers: what the block replaces."""
+    return nn.Sequential(*[copy.deepcopy(m) for m in block]).eval()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_eval_inference_fused_conv_act_vs_float64_oracle(name, channels_last, monkeypatch):
+    """Eval without autograd: folded BN, conv and activation in one oneDNN primitive (weight
+    prepacked for channels_last inputs). Output vs the float64 oracle, and the same memory format
+    torch.nn's Sequential gives; every block (leaky slope, groups/depthwise, dilation, bias,
+    ConvTranspose, 1x1) in NCHW and channels_last; outputs start as NaN."""
+    block, cin, (H, W) = _make(name)
+    block.eval()
+    seq = _seq_twin(block)
+    x = randn(3, cin, H, W)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x0 = x.clone()
+    with _count_onednn(monkeypatch) as calls, torch.no_grad(), nan_poisoned_empty():
+        y = block(x)
+        y_nn = seq(x)
+    y64, _ = _ref_forward(block, _ref_state(block), x.double(), False)
+    assert_close(y, y64, name="eval y")
+    strides = lambda t: [st for st, n in zip(t.stride(), t.shape) if n > 1]  # noqa: E731 (size-1 dims: any)
+    assert strides(y) == strides(y_nn), f"layout {y.stride()} vs torch.nn's {y_nn.stride()}"
+    assert torch.equal(x, x0), "the input was written"
+    one_by_one_nchw = block.conv.kernel_size == (1, 1) and not channels_last and torch.get_num_threads() == 1
+    if torch.backends.mkldnn.is_available() and not (one_by_one_nchw and not block._transposed):
+        packed = channels_last and not block._transposed and not x.is_contiguous()
+        assert calls == [torch._mkldnn if packed else torch.strided], calls
+
+
+@pytest.mark.parametrize("name", ["relu3x3_c3", "transposed_groups"])
+def test_eval_inference_model_moved_to_channels_last(name, monkeypatch):
+    """model.to(memory_format=channels_last) makes the conv weight channels_last too: the fused
+    oneDNN path still runs for channels_last inputs; NCHW inputs get torch's layout choice."""
+    block, cin, (H, W) = _make(name)
+    block.eval().to(memory_format=torch.channels_last)
+    seq = _seq_twin(block)
+    strides = lambda t: [st for st, n in zip(t.stride(), t.shape) if n > 1]  # noqa: E731
+    for cl in (True, False):
+        x = randn(2, cin, H, W)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        with _count_onednn(monkeypatch) as calls, torch.no_grad():
+            y, y_nn = block(x), seq(x)
+        y64, _ = _ref_forward(block, _ref_state(block), x.double(), False)
+        assert_close(y, y64, name=f"channels_last input={cl}")
+        assert strides(y) == strides(y_nn)
+        if torch.backends.mkldnn.is_available():
+            assert len(calls) == (1 if cl else 0), calls
+
+
+def test_eval_inference_1x1_single_thread_and_no_onednn_paths(monkeypatch):
+    """The paths beside oneDNN's: a 1x1 NCHW conv with one thread (torch's GEMM, then bias + ReLU
+    in one pass), oneDNN switched off, and autograd on (the differentiable fold): each right."""
+    block, cin, (H, W) = _make("relu1x1_bias")
+    block.eval()
+    x = randn(2, cin, H, W)
+    y64, _ = _ref_forward(block, _ref_state(block), x.double(), False)
+    threads = torch.get_num_threads()
+    with _count_onednn(monkeypatch) as calls:
+        try:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                assert_close(block(x), y64, name="1 thread")
+        finally:
+            torch.set_num_threads(threads)
+        enabled = torch.backends.mkldnn.enabled
+        try:
+            torch.backends.mkldnn.enabled = False
+            with torch.no_grad():
+                assert_close(block(x), y64, name="oneDNN off")
+                assert_close(block(x.to(memory_format=torch.channels_last)), y64, name="oneDNN off, channels_last")
+        finally:
+            torch.backends.mkldnn.enabled = enabled
+        with fastbig.backends.use("reference"), torch.no_grad():
+            assert_close(block(x), y64, name="reference backend")
+        y = block(x)  # autograd on: not the fused op, which has no backward
+        assert y.requires_grad
+        assert calls == []
+    assert_close(y, y64, name="with autograd")
+
+
+def test_prepacked_weight_cache_refreshes_with_the_fold(monkeypatch):
+    """The prepacked folded weight (channels_last inputs) is reused while nothing changes, and
+    rebuilt after an in-place parameter edit, a running-stat edit, load_state_dict, an optimizer
+    step and a new input size; deepcopy and pickling leave it behind (opaque oneDNN tensor)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN not built")
+    block, cin, (H, W) = _make("leaky_depthwise")
+    block.eval()
+    cl = torch.channels_last
+    x = randn(2, cin, H, W).to(memory_format=cl)
+
+    def check(what, inp=x):
+        with torch.no_grad():
+            y = block(inp)
+        y64, _ = _ref_forward(block, _ref_state(block), inp.double(), False)
+        assert_close(y, y64, name=what)
+        return block.__dict__["_pack_cache"]
+
+    first = check("first")
+    assert check("again") is first  # cached
+    with torch.no_grad():
+        block.conv.weight.mul_(-1.5)
+    assert check("after in-place conv.weight edit") is not first
+    with torch.no_grad():
+        block.bn.running_var.mul_(3.0)
+    check("after in-place running_var edit")
+    other, _, _ = _make("leaky_depthwise")
+    block.load_state_dict(other.state_dict())
+    check("after load_state_dict")
+    opt = torch.optim.SGD(block.parameters(), lr=0.5)
+    block.train()
+    block(randn(4, cin, H, W)).square().sum().backward()
+    opt.step()
+    block.eval()
+    check("after optimizer step")
+    check("new input size", randn(1, cin, H + 2, W + 1).to(memory_format=cl))
+    twin = copy.deepcopy(block)
+    assert "_pack_cache" not in twin.__dict__ and "_fold_cache" not in twin.__dict__
+    buf = io.BytesIO()
+    torch.save(block, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(twin(x), block(x)) and torch.equal(loaded(x), block(x))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_op_eval_fused_conv_act_vs_float64_oracle(transposed):
+    """fastbig.ops.conv_bn_act in eval without autograd (no module, so no cache): leaky slope,
+    groups, stride, NCHW and channels_last."""
+    C, K, g = 4, 6, 2
+    w = randn(C, K // g, 3, 3) if transposed else randn(K, C // g, 3, 3)
+    vecs = dict(conv_bias=randn(K), bn_weight=randn(K) * 0.5 + 1, bn_bias=randn(K), running_mean=randn(K) * 0.3,
+                running_var=torch.rand(K) + 0.5)
+    kw = dict(stride=2, padding=1, groups=g, transposed=transposed, output_padding=1 if transposed else 0,
+              training=False, eps=1e-3, activation="leaky_relu", negative_slope=0.3)
+    for cl in (False, True):
+        x = randn(2, C, 5, 7)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        with torch.no_grad(), nan_poisoned_empty():
+            y = fastbig.ops.conv_bn_act(x, w, **vecs, **kw)
+        y64, _ = ref.conv_bn_act(x.double(), w.double(), **{k: v.double() for k, v in vecs.items()},
+                                 **{k: v for k, v in kw.items() if k not in ("activation", "negative_slope")},
+                                 act="leaky_relu", negative_slope=0.3)
+        assert_close(y, y64, name=f"channels_last={cl}")
 
 
 def test_one_value_per_channel_raises_like_batchnorm():

@@ -42,18 +42,24 @@ FB_HD void welford_update(Welford<T>& w, T x) {
   w.m2 += d * (x - w.mean);
 }
 
+// Chan's merge of the moments (mean_b, m2_b) of a non-empty part b into (mean, m2) of a
+// non-empty part a, given na and nb_over_n = nb / (na + nb). welford_merge calls it; so does a
+// loop that merges many channels whose parts share their counts (one division for them all).
+template <typename T>
+FB_HD void welford_merge_moments(T& mean, T& m2, T na, T nb_over_n, T mean_b, T m2_b) {
+  const T d = mean_b - mean;
+  mean = mean + d * nb_over_n;
+  m2 = m2 + m2_b + d * d * na * nb_over_n;
+}
+
 // Chan's merge of two partial statistics; either side may be empty.
 template <typename T>
 FB_HD Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
   if (b.n == 0) return a;
   if (a.n == 0) return b;
   const int64_t n = a.n + b.n;
-  const T nb_over_n = T(b.n) / T(n);
-  const T d = b.mean - a.mean;
-  Welford<T> r;
-  r.mean = a.mean + d * nb_over_n;
-  r.m2 = a.m2 + b.m2 + d * d * T(a.n) * nb_over_n;
-  r.n = n;
+  Welford<T> r{a.mean, a.m2, n};
+  welford_merge_moments(r.mean, r.m2, T(a.n), T(b.n) / T(n), b.mean, b.m2);
   return r;
 }
 

@@ -133,15 +133,19 @@ template <typename scalar_t, typename acc_t>
 void stats_nhwc(const scalar_t* z, int64_t M, int64_t C, acc_t* mean, acc_t* var) {
   const int64_t rows = std::max<int64_t>(1, kChunk / C);  // rows per block
   const int64_t nblocks = (M + rows - 1) / rows;
-  std::vector<Welford<acc_t>> part(nblocks * C);
+  // per block and channel: mean and m2 (the block's count is its number of rows)
+  std::vector<acc_t> pm(nblocks * C), pq(nblocks * C);
   at::parallel_for(0, nblocks, block_grain(rows * C), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> s(C), q(C);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * rows, r1 = std::min(M, r0 + rows);
       if constexpr (std::is_same_v<scalar_t, double>) {  // per-element Welford, as on CUDA
-        for (int64_t c = 0; c < C; ++c) part[b * C + c] = welford_init<acc_t>();
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = 0; c < C; ++c) welford_update(part[b * C + c], acc_t(z[r * C + c]));
+        for (int64_t c = 0; c < C; ++c) {
+          Welford<acc_t> w = welford_init<acc_t>();
+          for (int64_t r = r0; r < r1; ++r) welford_update(w, acc_t(z[r * C + c]));
+          pm[b * C + c] = w.mean;
+          pq[b * C + c] = w.m2;
+        }
         continue;
       }
       std::fill(s.begin(), s.end(), acc_t(0));
@@ -163,17 +167,30 @@ void stats_nhwc(const scalar_t* z, int64_t M, int64_t C, acc_t* mean, acc_t* var
           qp[c] += d * d;
         }
       }
-      for (int64_t c = 0; c < C; ++c) part[b * C + c] = welford_from_chunk<acc_t>(sp[c], qp[c], r1 - r0);
+      std::copy(sp, sp + C, pm.begin() + b * C);
+      std::copy(qp, qp + C, pq.begin() + b * C);
     }
   });
-  at::parallel_for(0, C, channel_grain(nblocks), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Welford<acc_t> w = welford_init<acc_t>();
-      for (int64_t b = 0; b < nblocks; ++b) w = welford_merge(w, part[b * C + c]);
-      mean[c] = w.mean;
-      var[c] = welford_var_biased(w);
-    }
-  });
+  // Chan's merge of the blocks in block order, with welford_merge's arithmetic (the same
+  // welford_merge_moments), all channels of a block at once: they share the counts, so one
+  // division per block instead of one per block and channel.
+  std::vector<acc_t> am(pm.begin(), pm.begin() + C), aq(pq.begin(), pq.begin() + C);
+  acc_t* amp = am.data();
+  acc_t* aqp = aq.data();
+  int64_t na = std::min(M, rows);
+  for (int64_t b = 1; b < nblocks; ++b) {
+    const int64_t nb = std::min(M, (b + 1) * rows) - b * rows;
+    const acc_t na_t = acc_t(na), f = acc_t(nb) / acc_t(na + nb);
+    const acc_t* bm = pm.data() + b * C;
+    const acc_t* bq = pq.data() + b * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) welford_merge_moments(amp[c], aqp[c], na_t, f, bm[c], bq[c]);
+    na += nb;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = amp[c];
+    var[c] = welford_var_biased(welford_from_chunk<acc_t>(amp[c], aqp[c], na));
+  }
 }
 
 // ---- normalize + affine + activation ------------------------------------------------------

@@ -510,11 +510,14 @@ def _conv_state(C, K, ks, gen):
 
 
 def conv_case(N, C, K, HW, ks, mode, *, goals=None, compile_ok=True, compile_skip_reason="",
-              name=None) -> Case:
+              name=None, channels_last=False) -> Case:
     bwd = mode == "fwd+bwd"
 
     def make(device, dtype, gen):
-        inp = {"x": randn((N, C, HW, HW), dtype, device, gen, requires_grad=bwd),
+        x = randn((N, C, HW, HW), dtype, device, gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        inp = {"x": x.requires_grad_(bwd),
                "state": _conv_state(C, K, ks, gen), "dtype": dtype, "device": device}
         if bwd:
             with torch.no_grad():
@@ -562,8 +565,10 @@ def conv_case(N, C, K, HW, ks, mode, *, goals=None, compile_ok=True, compile_ski
              note="nn.Sequential(Conv2d, BatchNorm2d, ReLU): oneDNN on CPU, cuDNN on GPU"),
         Impl("compile(torch.nn)", "baseline", build_torch(compiled=True), compiled=True),
     ]
-    name = name or f"{'train' if bwd else 'infer'} N{N} C{C}->{K} {HW}x{HW} {ks}x{ks}"
-    return Case("conv_bn_relu", name, mode, dict(N=N, C=C, K=K, HW=HW, ks=ks), make, oracle, impls,
+    name = name or f"{'train' if bwd else 'infer'} N{N} C{C}->{K} {HW}x{HW} {ks}x{ks}" + \
+        (" channels_last" if channels_last else "")
+    return Case("conv_bn_relu", name, mode, dict(N=N, C=C, K=K, HW=HW, ks=ks, channels_last=channels_last), make,
+                oracle, impls,
                 conv_flops(N, C, K, ks, ks, HW, HW, 1, mode), "FLOP", eager="torch.nn",
                 goals=goals or [], size=N * K * HW * HW * ks * ks, compile_ok=compile_ok,
                 compile_skip_reason=compile_skip_reason)
@@ -800,7 +805,9 @@ def _cpu_cases(op, quick) -> List[Case]:
                                                        Goal("fastbig", "compile(torch.nn)", 1.0)],
                       **_skip(quick, keep=True)),
             bn_act_case(N, 64, 56, goals=[Goal("fastbig", "eager", 2.0)], **_skip(quick)),
-        ]
+        ] + [  # channels_last inputs (oneDNN's native layout): no goal, the layout's own numbers
+            conv_case(N, 64, 64, 56, ks, "infer", channels_last=True, **_skip(quick)) for ks in (3, 1)
+        ] + ([] if quick else [conv_case(N, 64, 64, 56, 3, "fwd+bwd", channels_last=True)])
     if op == "models":
         return [model_case(m, mode, **_skip(quick)) for m in (QUICK_MODELS if quick else MODEL_SPECS)
                 for mode in ("fwd+bwd", "infer")]

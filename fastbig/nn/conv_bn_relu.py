@@ -8,8 +8,9 @@ either way. ``forward`` runs ``fastbig.ops.conv_bn_act``:
   the running statistics are updated in place as BatchNorm2d updates them;
 - eval with running statistics: BatchNorm folded into the conv weight and bias, cached here and
   recomputed when any of conv.weight/bias, bn.weight/bias/running_mean/running_var (their
-  ``_version`` or storage) or bn.eps changes; then the conv with the activation applied in
-  place to its fresh output.
+  ``_version`` or storage) or bn.eps changes; then the conv with the activation fused into it
+  (a oneDNN post-op on CPU float32 without autograd, fastbig.ops.conv_bn_relu._conv_act), or
+  applied in place to the conv's fresh output.
 """
 from __future__ import annotations
 
@@ -81,7 +82,15 @@ class _ConvBnAct(nn.Sequential):
         nn.Sequential.__init__(block, *([conv, bn] if act is None else [conv, bn, act]))
         return block
 
-    # ---- the fold cache (not state: never in state_dict) ----
+    # ---- the fold cache (not state: never in state_dict, nor pickled / deep-copied) ----
+    _CACHES = ("_fold_cache", "_pack_cache")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in self._CACHES:  # the packed weight is an opaque oneDNN tensor: no storage to copy
+            state.pop(k, None)
+        return state
+
     def _fold_key(self):
         conv, bn = self.conv, self.bn
         key = [bn.eps]
@@ -105,6 +114,19 @@ class _ConvBnAct(nn.Sequential):
             w, b = _ops.fold_bn(*args, **kw)
         self.__dict__["_fold_cache"] = (key, w, b)
         return w, b
+
+    def _packed(self, x, w):
+        """The folded weight ``w`` prepacked by oneDNN for inputs shaped like ``x``: cached on
+        the fold's key (so refreshed exactly when the fold is) and the input's shape."""
+        conv = self.conv
+        key = (self._fold_key(), tuple(x.shape), tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+               conv.groups)
+        cache = self.__dict__.get("_pack_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        wp = _ops.onednn_pack_conv_weight(w, conv.stride, conv.padding, conv.dilation, conv.groups, x.shape)
+        self.__dict__["_pack_cache"] = (key, wp)
+        return wp
 
     # ---- forward ----
     def forward(self, x):
@@ -132,18 +154,22 @@ class _ConvBnAct(nn.Sequential):
                                     output_padding=getattr(conv, "output_padding", 0), training=True,
                                     momentum=momentum, eps=bn.eps, activation=activation, negative_slope=slope)
         w, b = self._folded()
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: input must be 4-D [N, C, H, W], got {x.dim()}-D")
         if self._transposed:
-            if x.dim() != 4:
-                raise ValueError(f"{type(self).__name__}: input must be 4-D [N, C, H, W], got {x.dim()}-D")
-            z = torch.nn.functional.conv_transpose2d(x, w, b, conv.stride, conv.padding, conv.output_padding,
-                                                     conv.groups, conv.dilation)
-        else:
-            if x.dim() != 4:
-                raise ValueError(f"{type(self).__name__}: input must be 4-D [N, C, H, W], got {x.dim()}-D")
-            if x.shape[1] != conv.in_channels:
-                raise ValueError(f"{type(self).__name__}: input must have {conv.in_channels} channels, "
-                                 f"got {x.shape[1]} (shape {tuple(x.shape)})")
-            z = conv._conv_forward(x, w, b)  # handles every padding_mode
+            return _ops._conv_act(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, True,
+                                  conv.output_padding, activation, slope)
+        if x.shape[1] != conv.in_channels:
+            raise ValueError(f"{type(self).__name__}: input must have {conv.in_channels} channels, "
+                             f"got {x.shape[1]} (shape {tuple(x.shape)})")
+        if conv.padding_mode == "zeros":
+            if not x.is_contiguous() and _ops._onednn_conv_act_ok(x, w, b, conv.padding, False):
+                # channels_last input: the folded weight prepacked for oneDNN, cached beside the fold
+                return _ops._onednn_conv_act(x, self._packed(x, w), b, conv.stride, conv.padding, conv.dilation,
+                                             conv.groups, False, 0, activation, slope)
+            return _ops._conv_act(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, False, 0,
+                                  activation, slope)
+        z = conv._conv_forward(x, w, b)  # pads per padding_mode, then the conv
         return _ops._activation_(z, activation, slope)
 
 
