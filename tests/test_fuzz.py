@@ -6,8 +6,9 @@ transposed, strided, expanded) and backends drawn from ``random.Random(seed)``; 
 tests/conftest.py's per-dtype tolerances (``rel_err``, NaN never passes), and the caller's inputs
 must come back unmodified.
 
-Default counts (CI, ~1 minute on 2 cores): 1000 cases per op on the C++/CPU paths, fewer on the
-Triton interpreter (12 cases, about 1 s each; see ``OPS[...].default_count``). The long run:
+Default counts: 1000 cases per op, the Triton interpreter's included (attention_triton: about
+60-90 s on 2 cores, the others a few seconds each; see ``OPS[...].default_count`` and
+``_attention_triton_shape``). The long run:
 
     FASTBIG_FUZZ=20000 python -m pytest tests/test_fuzz.py -q      # 20000 cases per op
     FASTBIG_FUZZ_BASE=7 ...                                          # another block of seeds

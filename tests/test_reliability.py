@@ -871,18 +871,44 @@ def _mha(batch_first=True):
 _NW = dict(need_weights=False)
 
 
-@row("MultiheadAttention", "input float64 into a float32 module", "raises", RuntimeError, None)
+@row("MultiheadAttention", "input float64 into a float32 module", "raises", TypeError,
+     r"query.*float32.*float64")
 def _():
     f, t = _mha()
     x = R(2, 5, 16).double()
     return _twin_spec(f, t, (x, x, x), _NW, pick=lambda o: o[0], check=False)
 
 
-@row("MultiheadAttention", "integer query", "raises", RuntimeError, None)
+@row("MultiheadAttention", "integer query", "raises", TypeError, r"query.*float32.*int64")
 def _():
     f, t = _mha()
     x = R(2, 5, 16).long()
     return _twin_spec(f, t, (x, x, x), _NW, pick=lambda o: o[0], check=False)
+
+
+@row("MultiheadAttention", "value float64, query/key float32 (need_weights=True)", "raises", TypeError,
+     r"value.*float32.*float64")
+def _():
+    f, t = _mha()
+    x = R(2, 5, 16)
+    return _twin_spec(f, t, (x, x, x.double()), dict(need_weights=True), pick=lambda o: o[0], check=False)
+
+
+@row("MultiheadAttention", "bfloat16 input into a float32 module under autocast", "works")
+def _():
+    f, _t = _mha()
+    x = R(2, 5, 16).bfloat16()
+
+    def call():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return f(x, x, x, need_weights=False)[0]
+
+    def check(out):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            r = nn.MultiheadAttention.forward(f, x, x, x, need_weights=False)[0]
+        assert out.dtype == r.dtype == torch.bfloat16, (out.dtype, r.dtype)
+        return f"rel err vs torch.nn under autocast {assert_close(out, r.double(), torch.bfloat16):.1e}"
+    return dict(call=call, inputs=[x], check=check)
 
 
 @row("MultiheadAttention", "wrong rank (4-D query)", "raises", ValueError, r"query.*3-D.*4-D")
@@ -906,7 +932,7 @@ def _():
     return _twin_spec(f, t, (q, k, k), _NW, pick=lambda o: o[0], check=False)
 
 
-@row("MultiheadAttention", "meta input (module on cpu)", "raises", RuntimeError, None)
+@row("MultiheadAttention", "meta input (module on cpu)", "raises", RuntimeError, r"query.*meta.*cpu")
 def _():
     f, t = _mha()
     x = R(2, 5, 16, device="meta")
@@ -962,7 +988,7 @@ def _():
     return _twin_spec(f, t, (R(2, 5, 8),), check=False)
 
 
-@row("SelfAttention", "float64 x into a float32 module", "raises", RuntimeError, None)
+@row("SelfAttention", "float64 x into a float32 module", "raises", TypeError, r"\bx\b.*float32.*float64")
 def _():
     f, t = _sa()
     return _twin_spec(f, t, (R(2, 5, 16).double(),), check=False)

@@ -19,6 +19,7 @@ This module imports triton at import time; fastbig.ops imports it lazily.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -439,6 +440,24 @@ else:  # pragma: no cover - needs a GPU
 
 def _blocks(fixed: bool):
     return {"BLOCK_M": _INTERP_BLOCK_M, "BLOCK_N": _INTERP_BLOCK_N} if fixed else {}
+
+
+@contextlib.contextmanager
+def interpreter_blocks(block_m: int, block_n: int):
+    """Under TRITON_INTERPRET=1, run the kernels with BLOCK_M x BLOCK_N tiles (powers of two >= 16)
+    instead of the default 32 x 32: tests draw square and non-square tiles, as the GPU autotuner
+    picks (128 x 64, 64 x 128, ...), and tiles small against the sequence so that it crosses
+    several. On a GPU the autotuner decides and this does nothing."""
+    global _INTERP_BLOCK_M, _INTERP_BLOCK_N
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if not (isinstance(b, int) and b >= 16 and b & (b - 1) == 0):
+            raise ValueError(f"interpreter_blocks: {name} must be a power of two >= 16, got {b!r}")
+    old = _INTERP_BLOCK_M, _INTERP_BLOCK_N
+    _INTERP_BLOCK_M, _INTERP_BLOCK_N = block_m, block_n
+    try:
+        yield
+    finally:
+        _INTERP_BLOCK_M, _INTERP_BLOCK_N = old
 
 
 # ---------------------------------------------------------------------------------------------

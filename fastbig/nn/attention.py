@@ -20,6 +20,21 @@ def _to_additive(mask: Tensor, dtype) -> Tensor:
     return mask.to(dtype)
 
 
+def _check_like_params(op: str, param: Tensor, **inputs) -> None:
+    """Inputs must be on the parameters' device and, outside autocast, of their dtype: say which
+    input, what was expected and what came (torch's own message, "mat1 and mat2 must have the
+    same dtype", names neither)."""
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            continue  # the shape checks say what it must be
+        if t.device != param.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but the module's parameters are on "
+                               f"{param.device}; expected {name} on {param.device}")
+        if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{op}: {name} must have the module's parameter dtype {param.dtype}, got "
+                            f"{t.dtype} (convert the input, or the module with .to({t.dtype}))")
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """torch.nn.MultiheadAttention with the attention itself run by fastbig.ops.attention.
 
@@ -36,6 +51,9 @@ class MultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False):
+        _check_like_params("MultiheadAttention",
+                           self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight,
+                           query=query, key=key, value=value)
         if need_weights:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=True, attn_mask=attn_mask,
@@ -177,6 +195,7 @@ class SelfAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SelfAttention: x must be [B, S, {self.embed_dim}], got {shape}")
+        _check_like_params("SelfAttention", self.query.weight, x=x)
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             if key_padding_mask.is_floating_point():
                 raise TypeError(f"SelfAttention: key_padding_mask must be bool [B, S] (True = "
