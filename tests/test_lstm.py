@@ -173,8 +173,11 @@ def test_lstm_unbatched_vs_float64_and_torch():
     assert_close(c, ct, F64)
 
 
-def test_parallel_rows_match_serial():
-    """The pointwise kernels split rows over threads (B=64, H=256: 4 chunks): same answer."""
+@pytest.mark.parametrize("limit", ["0", ""], ids=["generic-loop", "fused-loop"])
+def test_parallel_rows_match_serial(limit, monkeypatch):
+    """The generic loop's pointwise kernels split rows over threads (B=64, H=256: 4 chunks);
+    the fused loop splits the 32 unit tiles between threads: same answer as one thread."""
+    monkeypatch.setenv("FASTBIG_LSTM_SMALL_BATCH", limit)
     tm, fm = _pair(32, 256)
     x = randn(3, 64, 32)
     torch.set_num_threads(2)
@@ -186,7 +189,7 @@ def test_parallel_rows_match_serial():
     assert torch.equal(y1, y2)
 
 
-# ---- the CPU's fused small-batch time loop (csrc/lstm/lstm_cpu.cpp, batch <= 8, float32, no
+# ---- the CPU's fused time loop (csrc/lstm/lstm_cpu.cpp, batch <= 64, float32, no
 # proj_size) against the generic loop (per-step GEMM + pointwise) and the float64 oracle ---------
 def _op_case(T, B, I, H, packed, reverse, bias):
     if packed:
@@ -206,6 +209,7 @@ def _op_case(T, B, I, H, packed, reverse, bias):
     (9, 1, 7, 53, False, False, True),     # batch-1 latency path, odd H: a partial unit tile
     (9, 3, 16, 53, False, True, True),     # reverse
     (13, 8, 16, 40, True, False, True),    # packed sequences: rows leave, h_n/c_n of each
+    (6, 13, 9, 53, False, False, True),    # 13 rows: the 6-row kernel twice, then one row
     (13, 5, 16, 40, True, True, False),    # packed + reverse: rows join from h0/c0; no bias
     (5, 2, 8, 64, False, False, True),     # 8 tiles: two threads, a barrier per step
 ])
@@ -215,7 +219,7 @@ def test_small_batch_fused_loop_vs_generic_and_float64(T, B, I, H, packed, rever
     torch.set_num_threads(threads)
     want = ref.lstm_layer(args64[0].reshape(-1, I), *args64[1:], batch_sizes=bs, reverse=reverse)
     outs = {}
-    for limit in ("8", "0"):  # 8: the fused loop (the default); 0: the generic loop
+    for limit in ("64", "0"):  # 64: the fused loop (the default); 0: the generic loop
         monkeypatch.setenv("FASTBIG_LSTM_SMALL_BATCH", limit)
         args = [a.float().requires_grad_() if a is not None else None for a in args64]
         with fastbig.backends.use("cpu"):
@@ -228,13 +232,13 @@ def test_small_batch_fused_loop_vs_generic_and_float64(T, B, I, H, packed, rever
         outs[limit] = (y.detach(), h_n.detach(), c_n.detach()) + grads
     args64 = [a.requires_grad_() if a is not None else None for a in args64]
     y64, h64, c64 = ref.lstm_layer(args64[0].reshape(-1, I), *args64[1:], batch_sizes=bs, reverse=reverse)
-    y64 = y64.view(outs["8"][0].shape)
+    y64 = y64.view(outs["64"][0].shape)
     loss64 = (y64 * torch.linspace(-1, 1, y64.numel(), dtype=F64).view(y64.shape)).sum() + (h64 * c64).sum()
     g64 = torch.autograd.grad(loss64, [a for a in args64 if a is not None])
     for limit, got in outs.items():
         for k, (a, b) in enumerate(zip(got[3:], g64)):
             assert_close(a, b, F32, name=f"limit={limit} grad {k}")
-    for a, b in zip(outs["8"], outs["0"]):  # the two loops: one function, to float32 rounding
+    for a, b in zip(outs["64"], outs["0"]):  # the two loops: one function, to float32 rounding
         assert_close(a, b.double(), F32, name="fused vs generic")
 
 
