@@ -212,6 +212,7 @@ def _op_case(T, B, I, H, packed, reverse, bias):
     (6, 13, 9, 53, False, False, True),    # 13 rows: the 6-row kernel twice, then one row
     (13, 5, 16, 40, True, True, False),    # packed + reverse: rows join from h0/c0; no bias
     (5, 2, 8, 64, False, False, True),     # 8 tiles: two threads, a barrier per step
+    (5, 7, 8, 100, True, True, True),      # backward: 4 column tiles (2 threads), the last partial
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_small_batch_fused_loop_vs_generic_and_float64(T, B, I, H, packed, reverse, bias, threads, monkeypatch):

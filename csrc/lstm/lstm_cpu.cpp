@@ -554,6 +554,147 @@ bool small_batch_loop(const LoopArgs& a) {
   return true;
 }
 
+// ---- whole-layer op: the fused backward time loop (same inputs as the forward's) ------------
+// Per step: the pointwise gradient of the cell (dG_t from dh, dc), then dh_prev = dG_t W_hh,
+// [n, 4H] x [4H, H]. W_hh is packed once per call in column tiles (tile u: for every k < 4H the
+// 32 weights W_hh[k, 32u .. 32u+32)), the same [k][32] layout the forward's microkernels read.
+// Each thread owns a range of column tiles = a range of hidden units, and does the pointwise
+// gradient for those units and the GEMM for those columns of dh_prev: the next step's pointwise
+// reads only its own units of dh, so one barrier per step suffices (between the pointwise, which
+// writes this step's dG, and the GEMM, which reads all of it).
+
+struct BwdCtx {
+  const Steps* st;
+  bool reverse;
+  const float* dy;  // grad_y [N, H] or nullptr
+  float* dh;        // [B, H] running dL/dh
+  float* dc;        // [B, H] running dL/dc
+  const float* act;
+  const float* c_all;
+  const float* c0;
+  const float* w;  // w_hh [4H, H]
+  float* wp;       // packed [ntiles][4H][32]
+  float* dG;
+  int64_t H, ntiles;
+};
+
+__attribute__((target("avx2,fma"))) inline void pack_col_tiles(const BwdCtx& c, int64_t u0, int64_t u1) {
+  const int64_t H = c.H, K = 4 * H;
+  for (int64_t u = u0; u < u1; ++u) {
+    float* dst = c.wp + u * K * 32;
+    const int64_t w = std::min<int64_t>(32, H - u * 32);
+    for (int64_t k = 0; k < K; ++k) {
+      const float* src = c.w + k * H + u * 32;
+      int64_t l = 0;
+      for (; l < w; ++l) dst[k * 32 + l] = src[l];
+      for (; l < 32; ++l) dst[k * 32 + l] = 0.0f;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"), flatten)) void bwd_loop_worker(const BwdCtx& c, int tid, int nt) {
+  const int64_t H = c.H, K = 4 * H;
+  const int64_t u0 = c.ntiles * tid / nt, u1 = c.ntiles * (tid + 1) / nt;
+  const int64_t ja = std::min(H, u0 * 32), jb = std::min(H, u1 * 32);
+  pack_col_tiles(c, u0, u1);  // a thread reads only the tiles it packed
+  alignas(32) float acc_mem[kSmallBatchCap * 32];
+  const float* hp[kSmallBatchCap];
+  const Steps& st = *c.st;
+  const int64_t T = st.T;
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = c.reverse ? T - 1 - s : s;
+    const int64_t n = st.bs[t], off = st.off[t];
+    const int64_t tp = s > 0 ? (c.reverse ? t + 1 : t - 1) : -1;
+    const int64_t n_a = tp >= 0 ? std::min(n, st.bs[tp]) : 0;
+    // (1) the cell's gradient, this thread's units
+    for (int64_t b = 0; b < n; ++b) {
+      const float* dha = c.dh + b * H;
+      const float* dhb = c.dy ? c.dy + (off + b) * H : nullptr;
+      float* dc = c.dc + b * H;
+      const float* act = c.act + (off + b) * K;
+      const float* cp = b < n_a ? c.c_all + (st.off[tp] + b) * H : c.c0 + b * H;
+      const float* cc = c.c_all + (off + b) * H;
+      float* dg = c.dG + (off + b) * K;
+      int64_t j = ja;
+      for (; j + 16 <= jb; j += 16) bwd_vec<V16, VecMath>(dha, dhb, dc, act, cp, cc, dg, j, H);
+      for (; j + 8 <= jb; j += 8) bwd_vec<V8, VecMath>(dha, dhb, dc, act, cp, cc, dg, j, H);
+      for (; j < jb; ++j) {
+        Gates<float> a{act[j], act[H + j], act[2 * H + j], act[3 * H + j]};
+        Gates<float> d;
+        float dcp;
+        cell_backward<float>(dha[j] + (dhb ? dhb[j] : 0.0f), dc[j], a, cp[j], cc[j], d, dcp);
+        dg[j] = d.i;
+        dg[H + j] = d.f;
+        dg[2 * H + j] = d.g;
+        dg[3 * H + j] = d.o;
+        dc[j] = dcp;
+      }
+    }
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp barrier
+    }
+#endif
+    // (2) dh_prev = dG_t W_hh, this thread's columns; rows >= n keep their dh
+    for (int64_t b = 0; b < n; ++b) hp[b] = c.dG + (off + b) * K;
+    for (int64_t u = u0; u < u1; ++u) {
+      const float* wt = c.wp + u * K * 32;
+      for (int64_t k0 = 0; k0 < K; k0 += kKb) {
+        const int64_t k1 = std::min(K, k0 + kKb);
+        int64_t b = 0;
+        for (; b + 6 <= n; b += 6) {
+          gemm_tile_6x2<0>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
+          gemm_tile_6x2<2>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
+        }
+        for (; b + 2 <= n; b += 2) gemv_tile<2>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
+        if (b < n) gemv_tile<1>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
+      }
+      const int64_t w = std::min<int64_t>(32, H - u * 32);
+      for (int64_t b = 0; b < n; ++b) {
+        float* dst = c.dh + b * H + u * 32;
+        if (w == 32) {
+          for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + q * 8, _mm256_load_ps(acc_mem + b * 32 + q * 8));
+        } else {
+          for (int64_t l = 0; l < w; ++l) dst[l] = acc_mem[b * 32 + l];
+        }
+      }
+    }
+  }
+}
+
+bool bwd_fused_loop(const BwdLoopArgs& a) {
+  if (a.act.scalar_type() != at::kFloat || a.proj || a.st->B > small_batch_limit() || !cpu_has_avx2_fma())
+    return false;
+  const int64_t H = a.dc.size(1);
+  const int64_t ntiles = (H + 31) / 32;
+  auto wp = at::empty({ntiles * 4 * H * 32}, a.act.options());
+  BwdCtx c{a.st,
+           a.reverse,
+           a.dy.defined() ? a.dy.data_ptr<float>() : nullptr,
+           a.dh.data_ptr<float>(),
+           a.dc.data_ptr<float>(),
+           a.act.data_ptr<float>(),
+           a.c_all.data_ptr<float>(),
+           a.c0.data_ptr<float>(),
+           a.w_hh.data_ptr<float>(),
+           wp.data_ptr<float>(),
+           a.dG.data_ptr<float>(),
+           H,
+           ntiles};
+  // Threads: at most one per 2 column tiles (64 units), one inside an enclosing parallel region.
+  int64_t nt = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), ntiles / 2);
+  nt = std::max<int64_t>(1, nt);
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    bwd_loop_worker(c, omp_get_thread_num(), omp_get_num_threads());
+    return true;
+  }
+#endif
+  bwd_loop_worker(c, 0, 1);
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
@@ -571,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& c_all, const at::Tensor& hraw) {
   TORCH_CHECK(x.device().is_cpu(), "fastbig::lstm_layer_backward (cpu): x must be a CPU tensor, got ", x.device());
   return layer_backward(grad_y, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse, y, act, c_all,
-                        hraw, &layer_bwd_pointwise_cpu);
+                        hraw, &layer_bwd_pointwise_cpu, &bwd_fused_loop);
 }
 
 }  // namespace

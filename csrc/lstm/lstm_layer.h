@@ -76,6 +76,17 @@ struct LoopArgs {
 // Returns false (having written nothing) when it does not take these inputs.
 using LoopFn = bool (*)(const LoopArgs&);
 
+// The backward time loop's buffers, for an override (no proj_size only). dh [B, P], dc [B, H]:
+// the running dL/dh, dL/dc (in: from h_n/c_n; out: dL/dh0, dL/dc0); dy: grad_y [N, P] or
+// undefined; dG [N, 4H] out: the gates' gradients of every step.
+struct BwdLoopArgs {
+  const Steps* st;
+  bool reverse;
+  at::Tensor dy, dh, dc, act, c_all, c0, w_hh, dG;
+  bool proj;
+};
+using BwdLoopFn = bool (*)(const BwdLoopArgs&);
+
 inline void check_same_kind(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), "fastbig::lstm_layer: ", name, " is on ", t.device(),
               " but x is on ", x.device(), "; expected all tensors on one device");
@@ -239,7 +250,7 @@ layer_backward(const c10::optional<at::Tensor>& grad_y, const c10::optional<at::
                const at::Tensor& c0_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
                const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
                const at::Tensor& y_in, const at::Tensor& act_in, const at::Tensor& c_all_in,
-               const at::Tensor& hraw_in, BwdFn pointwise) {
+               const at::Tensor& hraw_in, BwdFn pointwise, BwdLoopFn loop_override = nullptr) {
   const Steps st = check_layer_args(x_in, h0_in, c0_in, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr, batch_sizes);
   const bool proj = defined(w_hr);
   const int64_t N = x_in.size(0), H = w_ih.size(0) / 4, P = proj ? w_hr->size(0) : H, B = st.B, T = st.T;
@@ -283,7 +294,9 @@ layer_backward(const c10::optional<at::Tensor>& grad_y, const c10::optional<at::
   const char* act_p = static_cast<const char*>(act.data_ptr());
   const char* c_p = static_cast<const char*>(c_all.data_ptr());
   char* dG_p = static_cast<char*>(dG.data_ptr());
-  for (int64_t s = T - 1; s >= 0; --s) {
+  const bool taken = loop_override != nullptr &&
+                     loop_override(BwdLoopArgs{&st, reverse, dy, dh, dc, act, c_all, c0, w_hh.contiguous(), dG, proj});
+  for (int64_t s = T - 1; s >= 0 && !taken; --s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t n = st.bs[t], off = st.off[t];
     const int64_t tp = s > 0 ? (reverse ? t + 1 : t - 1) : -1;
