@@ -243,6 +243,24 @@ def test_small_batch_fused_loop_vs_generic_and_float64(T, B, I, H, packed, rever
         assert_close(a, b.double(), F32, name="fused vs generic")
 
 
+@pytest.mark.parametrize("B", [1, 64, 65], ids=["fused-B1", "fused-B64", "generic-B65"])
+def test_nan_input_propagates_not_clamped(B):
+    """A NaN in x reaches exactly the outputs that depend on it (as in torch.nn.LSTM): the
+    SIMD exp clamped NaN to a bound once, turning it into a finite, wrong value."""
+    x = randn(3, B, 8)
+    x[1, 0, 2] = float("nan")
+    m = fastbig.nn.LSTM(8, 16)
+    with torch.no_grad(), fastbig.backends.use("cpu"):
+        y, (h, c) = m(x)
+    assert y[1:, 0].isnan().all() and h[0, 0].isnan().all() and c[0, 0].isnan().all()
+    assert not y[0].isnan().any() and not y[:, 1:].isnan().any()
+    g = randn(2, 64)
+    g[0, 3] = float("nan")
+    with fastbig.backends.use("cpu"):
+        h1, c1 = fastbig.ops.lstm_cell(g, randn(2, 16))
+    assert h1[0, 3].isnan() and c1[0, 3].isnan() and not h1[1].isnan().any()
+
+
 def test_small_batch_fused_loop_long_sequence_vs_float64():
     """Batch 1, T=100, H=256 (the latency case, 32 tiles): no drift over a long recurrence."""
     args64, _ = _op_case(100, 1, 16, 256, False, False, True)

@@ -5,7 +5,7 @@
 //
 // exp: Cephes expf (range reduction by ln2 in two parts, degree-6 polynomial), max rel error
 // ~2 ulp on [-87, 88]; inputs are clamped there, so sigmoid/tanh saturate cleanly and no inf or
-// NaN is formed for finite input. tanh: Cephes tanhf (odd polynomial for |x| < 0.625, else
+// NaN is formed for finite input (a NaN input stays NaN). tanh: Cephes tanhf (odd polynomial for |x| < 0.625, else
 // 1 - 2/(exp(2|x|) + 1) with the sign restored), ~2 ulp.
 #pragma once
 #include <cstdint>
@@ -65,7 +65,10 @@ inline v8f vmin(v8f a, v8f b) { return a < b ? a : b; }
 inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
 
 inline v8f vexp(v8f x) {
-  x = vmin(vmax(x, v8f{} - 87.0f), v8f{} + 88.0f);
+  // Clamp to [-87, 88], NaN passing through (x < lo and x > hi are false for NaN; vmin/vmax
+  // would turn it into a bound and a NaN input into a finite, wrong result).
+  x = x < -87.0f ? v8f{} - 87.0f : x;
+  x = x > 88.0f ? v8f{} + 88.0f : x;
   // n = round(x / ln2): adding 1.5 * 2^23 leaves the rounded integer in the low mantissa bits
   // (|x / ln2| < 2^22), so n and 2^n come from t's bits with two integer ops.
   constexpr float kMagic = 12582912.0f;  // 0x4B400000
@@ -91,7 +94,7 @@ inline v8f vexp(v8f x) {
 inline v8f vsigmoid(v8f x) { return 1.0f / (1.0f + vexp(v8f{} - x)); }
 
 inline v8f vtanh(v8f x) {
-  const v8f ax = vmax(x, v8f{} - x);
+  const v8f ax = vmax(x, v8f{} - x);  // NaN: -x, NaN
   // small |x|: x + x^3 P(x^2)
   const v8f z = x * x;
   v8f p = z * -5.70498872745E-3f + 2.06390887954E-2f;
