@@ -5,7 +5,11 @@ fake impls, autograd, input checks and dispatch to _C or the reference.
     lstm(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
                                             one whole layer, one direction (csrc/lstm/lstm_layer.h):
                                             input GEMM for all steps, per step one recurrent GEMM
-                                            and one fused pointwise kernel; fused backward
+                                            and one fused pointwise kernel; fused backward.
+                                            CPU, float32, batch <= 64, no proj_size: the whole
+                                            time loop (forward and backward) is one fused kernel
+                                            (csrc/lstm/lstm_cpu.cpp: W_hh packed once per call,
+                                            GEMM + cell per 8 units, one barrier per step)
 """
 from __future__ import annotations
 
