@@ -173,8 +173,11 @@ def test_lstm_unbatched_vs_float64_and_torch():
     assert_close(c, ct, F64)
 
 
-def test_parallel_rows_match_serial():
-    """The pointwise kernels split rows over threads (B=64, H=256: 4 chunks): same answer."""
+@pytest.mark.parametrize("limit", ["0", ""], ids=["generic-loop", "fused-loop"])
+def test_parallel_rows_match_serial(limit, monkeypatch):
+    """The generic loop's pointwise kernels split rows over threads (B=64, H=256: 4 chunks);
+    the fused loop splits the 32 unit tiles between threads: same answer as one thread."""
+    monkeypatch.setenv("FASTBIG_LSTM_SMALL_BATCH", limit)
     tm, fm = _pair(32, 256)
     x = randn(3, 64, 32)
     torch.set_num_threads(2)
@@ -184,6 +187,88 @@ def test_parallel_rows_match_serial():
         torch.set_num_threads(1)
         y1 = fm(x)[0]
     assert torch.equal(y1, y2)
+
+
+# ---- the CPU's fused time loop (csrc/lstm/lstm_cpu.cpp, batch <= 64, float32, no
+# proj_size) against the generic loop (per-step GEMM + pointwise) and the float64 oracle ---------
+def _op_case(T, B, I, H, packed, reverse, bias):
+    if packed:
+        lengths = sorted(torch.randint(1, T + 1, (B,)).tolist(), reverse=True)
+        lengths[0] = T
+        bs = torch.tensor([sum(n > t for n in lengths) for t in range(T)], dtype=torch.int64)
+        x = randn(int(bs.sum()), I, dtype=F64)
+    else:
+        bs, x = None, randn(T, B, I, dtype=F64)
+    w = [randn(4 * H, I, dtype=F64, scale=I ** -0.5), randn(4 * H, H, dtype=F64, scale=H ** -0.5)]
+    b = [randn(4 * H, dtype=F64, scale=0.3), randn(4 * H, dtype=F64, scale=0.3)] if bias else [None, None]
+    args64 = [x, randn(B, H, dtype=F64, scale=0.5), randn(B, H, dtype=F64, scale=0.5)] + w + b
+    return args64, bs
+
+
+@pytest.mark.parametrize("T,B,I,H,packed,reverse,bias", [
+    (9, 1, 7, 53, False, False, True),     # batch-1 latency path, odd H: a partial unit tile
+    (9, 3, 16, 53, False, True, True),     # reverse
+    (13, 8, 16, 40, True, False, True),    # packed sequences: rows leave, h_n/c_n of each
+    (6, 13, 9, 53, False, False, True),    # 13 rows: the 6-row kernel twice, then one row
+    (13, 5, 16, 40, True, True, False),    # packed + reverse: rows join from h0/c0; no bias
+    (5, 2, 8, 64, False, False, True),     # 8 tiles: two threads, a barrier per step
+    (5, 7, 8, 100, True, True, True),      # backward: 4 column tiles (2 threads), the last partial
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_batch_fused_loop_vs_generic_and_float64(T, B, I, H, packed, reverse, bias, threads, monkeypatch):
+    args64, bs = _op_case(T, B, I, H, packed, reverse, bias)
+    torch.set_num_threads(threads)
+    want = ref.lstm_layer(args64[0].reshape(-1, I), *args64[1:], batch_sizes=bs, reverse=reverse)
+    outs = {}
+    for limit in ("64", "0"):  # 64: the fused loop (the default); 0: the generic loop
+        monkeypatch.setenv("FASTBIG_LSTM_SMALL_BATCH", limit)
+        args = [a.float().requires_grad_() if a is not None else None for a in args64]
+        with fastbig.backends.use("cpu"):
+            y, h_n, c_n = fastbig.ops.lstm(*args, batch_sizes=bs, reverse=reverse)
+        for o, r, n in zip((y.reshape(-1, H), h_n, c_n), want, ("y", "h_n", "c_n")):
+            assert_close(o, r, F32, name=f"limit={limit} {n}")
+        # the backward consumes the forward's saved gates and cells: gradients check them too
+        loss = (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum() + (h_n * c_n).sum()
+        grads = torch.autograd.grad(loss, [a for a in args if a is not None])
+        outs[limit] = (y.detach(), h_n.detach(), c_n.detach()) + grads
+    args64 = [a.requires_grad_() if a is not None else None for a in args64]
+    y64, h64, c64 = ref.lstm_layer(args64[0].reshape(-1, I), *args64[1:], batch_sizes=bs, reverse=reverse)
+    y64 = y64.view(outs["64"][0].shape)
+    loss64 = (y64 * torch.linspace(-1, 1, y64.numel(), dtype=F64).view(y64.shape)).sum() + (h64 * c64).sum()
+    g64 = torch.autograd.grad(loss64, [a for a in args64 if a is not None])
+    for limit, got in outs.items():
+        for k, (a, b) in enumerate(zip(got[3:], g64)):
+            assert_close(a, b, F32, name=f"limit={limit} grad {k}")
+    for a, b in zip(outs["64"], outs["0"]):  # the two loops: one function, to float32 rounding
+        assert_close(a, b.double(), F32, name="fused vs generic")
+
+
+@pytest.mark.parametrize("B", [1, 64, 65], ids=["fused-B1", "fused-B64", "generic-B65"])
+def test_nan_input_propagates_not_clamped(B):
+    """A NaN in x reaches exactly the outputs that depend on it (as in torch.nn.LSTM): the
+    SIMD exp clamped NaN to a bound once, turning it into a finite, wrong value."""
+    x = randn(3, B, 8)
+    x[1, 0, 2] = float("nan")
+    m = fastbig.nn.LSTM(8, 16)
+    with torch.no_grad(), fastbig.backends.use("cpu"):
+        y, (h, c) = m(x)
+    assert y[1:, 0].isnan().all() and h[0, 0].isnan().all() and c[0, 0].isnan().all()
+    assert not y[0].isnan().any() and not y[:, 1:].isnan().any()
+    g = randn(2, 64)
+    g[0, 3] = float("nan")
+    with fastbig.backends.use("cpu"):
+        h1, c1 = fastbig.ops.lstm_cell(g, randn(2, 16))
+    assert h1[0, 3].isnan() and c1[0, 3].isnan() and not h1[1].isnan().any()
+
+
+def test_small_batch_fused_loop_long_sequence_vs_float64():
+    """Batch 1, T=100, H=256 (the latency case, 32 tiles): no drift over a long recurrence."""
+    args64, _ = _op_case(100, 1, 16, 256, False, False, True)
+    want = ref.lstm_layer(args64[0].reshape(-1, 16), *args64[1:])
+    with fastbig.backends.use("cpu"):
+        got = fastbig.ops.lstm(*[a.float() for a in args64])
+    for o, r, n in zip((got[0].reshape(-1, 256),) + tuple(got[1:]), want, ("y", "h_n", "c_n")):
+        assert_close(o, r, F32, name=n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

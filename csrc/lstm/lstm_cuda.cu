@@ -121,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_backward_cuda(const c10::optional<a
 template <typename scalar_t, typename acc_t>
 __global__ void layer_forward_kernel(scalar_t* __restrict__ gates, const scalar_t* __restrict__ cprev_a,
                                      int64_t n_a, const scalar_t* __restrict__ c0, scalar_t* __restrict__ c_out,
-                                     scalar_t* __restrict__ h_out, int64_t n, int64_t H) {
+                                     scalar_t* __restrict__ h_out, int64_t n, int64_t H,
+                                     const scalar_t* __restrict__ bias) {
   const int64_t total = n * H;
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = k / H, j = k - b * H;
@@ -129,7 +130,14 @@ __global__ void layer_forward_kernel(scalar_t* __restrict__ gates, const scalar_
     const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
     Gates<acc_t> a;
     acc_t cv, hv;
-    cell_forward<acc_t>(acc_t(g[j]), acc_t(g[H + j]), acc_t(g[2 * H + j]), acc_t(g[3 * H + j]), cp, a, cv, hv);
+    acc_t ai = acc_t(g[j]), af = acc_t(g[H + j]), ag = acc_t(g[2 * H + j]), ao = acc_t(g[3 * H + j]);
+    if (bias) {
+      ai += acc_t(bias[j]);
+      af += acc_t(bias[H + j]);
+      ag += acc_t(bias[2 * H + j]);
+      ao += acc_t(bias[3 * H + j]);
+    }
+    cell_forward<acc_t>(ai, af, ag, ao, cp, a, cv, hv);
     g[j] = scalar_t(a.i);
     g[H + j] = scalar_t(a.f);
     g[2 * H + j] = scalar_t(a.g);
@@ -172,7 +180,7 @@ void layer_fwd_pointwise_cuda(at::ScalarType st, const FwdStep& s) {
     layer_forward_kernel<scalar_t, acc_t><<<grid_for(s.n * s.H), kThreads, 0, stream>>>(
         static_cast<scalar_t*>(s.gates), static_cast<const scalar_t*>(s.cprev_a), s.n_a,
         static_cast<const scalar_t*>(s.c0), static_cast<scalar_t*>(s.c_out), static_cast<scalar_t*>(s.h_out), s.n,
-        s.H);
+        s.H, static_cast<const scalar_t*>(s.bias));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -8,10 +8,15 @@
 // in step t keeps its h/c, so each sequence stops at its own length; h_n/c_n are each row's
 // state after its last step. reverse runs t = T-1 .. 0 (rows join as their sequences start).
 //
-// Forward: G = x W_ih^T + (b_ih + b_hh) in one GEMM into the [N, 4H] buffer; per step one
-// in-place addmm G_t += h_prev W_hh^T and one fused pointwise kernel that turns G_t into the
-// activated gates (kept for backward), writes c_t and h_t = o*tanh(c_t) (or, with proj_size,
-// hraw_t followed by the per-step GEMM y_t = hraw_t W_hr^T). No allocation inside the loop.
+// Forward: G = x W_ih^T in one GEMM into the [N, 4H] buffer; per step one in-place addmm
+// G_t += h_prev W_hh^T and one fused pointwise kernel that adds the bias (b_ih + b_hh), turns G_t
+// into the activated gates (kept for backward), writes c_t and h_t = o*tanh(c_t) (or, with
+// proj_size, hraw_t followed by the per-step GEMM y_t = hraw_t W_hr^T). No allocation inside the
+// loop. (The bias goes into the pointwise step, not into the GEMM as addmm's broadcast input:
+// that broadcast copy of [N, 4H] cost as much as a fifth of the layer on CPU.)
+// A backend may take over the whole time loop for the inputs it handles better (LoopFn: the CPU
+// build's fused small-batch GEMV + cell kernel); it gets the same buffers and must fill y, act
+// and c_all exactly as the loop below does.
 // Backward: per step one fused pointwise gradient kernel and one GEMM dh_prev = dG_t W_hh
 // (plus dhraw = dh W_hr with projections); then big GEMMs for dX, dW_ih, dW_hh, dW_hr.
 #pragma once
@@ -23,7 +28,8 @@ namespace fastbig {
 namespace lstm {
 
 // One forward step of the pointwise kernel over n rows of width H.
-// gates: [n, 4H] pre-activations in, activated gates out (in place).
+// gates: [n, 4H] pre-activations in (without bias), activated gates out (in place).
+// bias: [4H] added to every row's pre-activations, or nullptr.
 // c_prev of row b: cprev_a[b] for b < n_a, else c0[b]. Writes c_out [n, H], h_out [n, H].
 struct FwdStep {
   void* gates;
@@ -33,6 +39,7 @@ struct FwdStep {
   void* c_out;
   void* h_out;
   int64_t n, H;
+  const void* bias;
 };
 // One backward step. dh of row b = dh_a[b] + (dh_b ? dh_b[b] : 0); dc: in (dL/dc_t) and out
 // (dL/dc_prev), in place. act/c: this step's saved activated gates and c; c_prev as in FwdStep.
@@ -56,6 +63,29 @@ struct Steps {
   int64_t T = 0, B = 0;
   std::vector<int64_t> bs, off;  // per time index t
 };
+
+// Everything a whole-loop override needs (all tensors contiguous, of x's dtype). act holds
+// x W_ih^T (no bias) on entry; the override must leave in y (or hraw), act and c_all what the
+// generic loop leaves there. h_n/c_n are filled by the driver afterwards.
+struct LoopArgs {
+  const Steps* st;
+  bool reverse;
+  at::Tensor act, c_all, y, h0, c0, w_hh, bias;  // bias: [4H] or undefined
+  bool proj;
+};
+// Returns false (having written nothing) when it does not take these inputs.
+using LoopFn = bool (*)(const LoopArgs&);
+
+// The backward time loop's buffers, for an override (no proj_size only). dh [B, P], dc [B, H]:
+// the running dL/dh, dL/dc (in: from h_n/c_n; out: dL/dh0, dL/dc0); dy: grad_y [N, P] or
+// undefined; dG [N, 4H] out: the gates' gradients of every step.
+struct BwdLoopArgs {
+  const Steps* st;
+  bool reverse;
+  at::Tensor dy, dh, dc, act, c_all, c0, w_hh, dG;
+  bool proj;
+};
+using BwdLoopFn = bool (*)(const BwdLoopArgs&);
 
 inline void check_same_kind(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), "fastbig::lstm_layer: ", name, " is on ", t.device(),
@@ -146,7 +176,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
-    FwdFn pointwise) {
+    FwdFn pointwise, LoopFn loop_override = nullptr) {
   const Steps st = check_layer_args(x_in, h0_in, c0_in, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   const bool proj = defined(w_hr);
   const auto x = x_in.contiguous();
@@ -163,20 +193,24 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
   const auto w_hh_t = w_hh.t();
   const auto w_hr_t = proj ? w_hr->t() : at::Tensor();
 
-  // Input projection for every step at once, biases folded in.
+  // Input projection for every step at once; the biases are added by the pointwise step.
   at::Tensor bias;
   if (defined(b_ih) && defined(b_hh)) bias = *b_ih + *b_hh;
   else if (defined(b_ih)) bias = *b_ih;
   else if (defined(b_hh)) bias = *b_hh;
-  if (bias.defined()) at::addmm_out(act, bias, x, w_ih.t());
-  else at::mm_out(act, x, w_ih.t());
+  if (bias.defined()) bias = bias.contiguous();
+  at::mm_out(act, x, w_ih.t());
+  const void* bias_p = bias.defined() ? bias.data_ptr() : nullptr;
 
+  const bool taken =
+      loop_override != nullptr &&
+      loop_override(LoopArgs{&st, reverse, act, c_all, y, h0, c0, w_hh.contiguous(), bias, proj});
   const int64_t es = x.element_size();
   char* act_p = static_cast<char*>(act.data_ptr());
   char* c_p = static_cast<char*>(c_all.data_ptr());
   char* hout_p = static_cast<char*>(proj ? hraw.data_ptr() : y.data_ptr());
   int64_t tp = -1;
-  for (int64_t s = 0; s < T; ++s) {
+  for (int64_t s = 0; s < T && !taken; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t n = st.bs[t], off = st.off[t];
     auto g = act.narrow(0, off, n);
@@ -188,19 +222,23 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     }
     if (n_a < n) g.narrow(0, n_a, n - n_a).addmm_(h0.narrow(0, n_a, n - n_a), w_hh_t);
     FwdStep fs{act_p + off * 4 * H * es, tp >= 0 ? c_p + st.off[tp] * H * es : nullptr, n_a,
-               c0.data_ptr(), c_p + off * H * es, hout_p + off * H * es, n, H};
+               c0.data_ptr(), c_p + off * H * es, hout_p + off * H * es, n, H, bias_p};
     pointwise(x.scalar_type(), fs);
     if (proj) {
       auto y_t = y.narrow(0, off, n);
       at::mm_out(y_t, hraw.narrow(0, off, n), w_hr_t);
     }
-    // Rows whose sequence ends at this step: their final state.
+    tp = t;
+  }
+  // Rows whose sequence ends at step t (those not in the next step): their final state.
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t n = st.bs[t], off = st.off[t];
     const int64_t n_next = (s + 1 < T) ? st.bs[reverse ? t - 1 : t + 1] : 0;
     if (n_next < n) {
       h_n.narrow(0, n_next, n - n_next).copy_(y.narrow(0, off + n_next, n - n_next));
       c_n.narrow(0, n_next, n - n_next).copy_(c_all.narrow(0, off + n_next, n - n_next));
     }
-    tp = t;
   }
   return {y, h_n, c_n, act, c_all, hraw};
 }
@@ -212,7 +250,7 @@ layer_backward(const c10::optional<at::Tensor>& grad_y, const c10::optional<at::
                const at::Tensor& c0_in, const at::Tensor& w_ih, const at::Tensor& w_hh,
                const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& batch_sizes, bool reverse,
                const at::Tensor& y_in, const at::Tensor& act_in, const at::Tensor& c_all_in,
-               const at::Tensor& hraw_in, BwdFn pointwise) {
+               const at::Tensor& hraw_in, BwdFn pointwise, BwdLoopFn loop_override = nullptr) {
   const Steps st = check_layer_args(x_in, h0_in, c0_in, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr, batch_sizes);
   const bool proj = defined(w_hr);
   const int64_t N = x_in.size(0), H = w_ih.size(0) / 4, P = proj ? w_hr->size(0) : H, B = st.B, T = st.T;
@@ -256,7 +294,9 @@ layer_backward(const c10::optional<at::Tensor>& grad_y, const c10::optional<at::
   const char* act_p = static_cast<const char*>(act.data_ptr());
   const char* c_p = static_cast<const char*>(c_all.data_ptr());
   char* dG_p = static_cast<char*>(dG.data_ptr());
-  for (int64_t s = T - 1; s >= 0; --s) {
+  const bool taken = loop_override != nullptr &&
+                     loop_override(BwdLoopArgs{&st, reverse, dy, dh, dc, act, c_all, c0, w_hh.contiguous(), dG, proj});
+  for (int64_t s = T - 1; s >= 0 && !taken; --s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t n = st.bs[t], off = st.off[t];
     const int64_t tp = s > 0 ? (reverse ? t + 1 : t - 1) : -1;

@@ -151,12 +151,13 @@ class LSTMCell(torch.nn.LSTMCell):
                 raise TypeError(f"LSTMCell: {name} has dtype {t.dtype} but the weights have {w.dtype}")
             if t.device != w.device:
                 raise RuntimeError(f"LSTMCell: {name} is on {t.device} but the weights are on {w.device}")
-        # Two GEMMs into one [B, 4H] buffer (both biases folded into the first), one fused cell.
+        # Two GEMMs into one [B, 4H] buffer (both biases folded into the first; the second
+        # accumulates in place: no copy of the buffer), one fused cell.
         if self.bias:
             gates = torch.addmm(self.bias_ih + self.bias_hh, x, self.weight_ih.t())
         else:
             gates = torch.mm(x, self.weight_ih.t())
-        gates = torch.addmm(gates, h, self.weight_hh.t())
+        gates = gates.addmm_(h, self.weight_hh.t())
         h_new, c_new = ops.lstm_cell(gates, c)
         if not batched:
             return h_new.squeeze(0), c_new.squeeze(0)

@@ -5,7 +5,11 @@ fake impls, autograd, input checks and dispatch to _C or the reference.
     lstm(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
                                             one whole layer, one direction (csrc/lstm/lstm_layer.h):
                                             input GEMM for all steps, per step one recurrent GEMM
-                                            and one fused pointwise kernel; fused backward
+                                            and one fused pointwise kernel; fused backward.
+                                            CPU, float32, batch <= 64, no proj_size: the whole
+                                            time loop (forward and backward) is one fused kernel
+                                            (csrc/lstm/lstm_cpu.cpp: W_hh packed once per call,
+                                            GEMM + cell per 8 units, one barrier per step)
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ if has_op("lstm_cell"):
         h, c, act = output
         ctx.save_for_backward(act, c_prev, c)
         ctx.mark_non_differentiable(act)
+        ctx.set_materialize_grads(False)  # no [B, 4H] of zeros for act's gradient every step
 
     def _lstm_cell_backward(ctx, grad_h, grad_c, _grad_act):
         act, c_prev, c = ctx.saved_tensors
@@ -116,6 +121,9 @@ if has_op("lstm_layer"):
         ctx.has_bs = batch_sizes is not None
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, act, c_all, hraw)
         ctx.mark_non_differentiable(act, c_all, hraw)
+        # Undefined gradients stay None (the kernel takes them as absent): materialized, they
+        # were zero-filled [N, 4H] + [N, H] buffers for act/c_all, 5x the layer's output.
+        ctx.set_materialize_grads(False)
 
     def _lstm_layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _g_act, _g_c_all, _g_hraw):
         x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, act, c_all, hraw = ctx.saved_tensors
