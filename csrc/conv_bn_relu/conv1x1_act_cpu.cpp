@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "conv_bn_relu/conv_bn_relu_math.h"
+#include "conv_bn_relu/cpu_clones.h"
 
 // The Fortran BLAS GEMMs libtorch_cpu exports when torch is built with MKL (ATen's own cpublas
 // wrapper is not exported). Weak: a torch without them still loads this extension, and the op
@@ -61,11 +62,10 @@ int64_t block_columns(int64_t Cin, int64_t Cout) {
 
 // The epilogue out = act(out + bias) on one output block: rows of len elements ld apart, the bias
 // per row (NCHW: a row is one output channel) or per column (channels_last: a row is one pixel).
-// The extension is compiled for baseline x86-64; the block is cloned for AVX2 and picked at load
-// time (GCC target_clones), so the pass keeps up with the GEMM that just wrote the block.
+// The extension is compiled for baseline x86-64; the pass is cloned for AVX2 (cpu_clones.h), so
+// it keeps up with the GEMM that just wrote the block.
 template <int64_t act, bool bias_per_row, typename T>
-__attribute__((always_inline)) inline void epilogue_body(T* out, int64_t ld, int64_t rows, int64_t len,
-                                                         const T* bias, T slope) {
+FB_CPU_INLINE void epilogue_body(T* out, int64_t ld, int64_t rows, int64_t len, const T* bias, T slope) {
   for (int64_t r = 0; r < rows; ++r) {
     T* p = out + r * ld;
     if (bias == nullptr) {
@@ -83,9 +83,8 @@ __attribute__((always_inline)) inline void epilogue_body(T* out, int64_t ld, int
 }
 
 #define FB_EPILOGUE(T)                                                                                     \
-  __attribute__((target_clones("avx2", "default"))) void epilogue(T* out, int64_t ld, int64_t rows,         \
-                                                                  int64_t len, const T* bias, bool per_row, \
-                                                                  int64_t act, T slope) {                   \
+  FB_CPU_CLONES void epilogue(T* out, int64_t ld, int64_t rows, int64_t len, const T* bias, bool per_row,    \
+                              int64_t act, T slope) {                                                       \
     if (act == kRelu) {                                                                                    \
       per_row ? epilogue_body<kRelu, true>(out, ld, rows, len, bias, slope)                                \
               : epilogue_body<kRelu, false>(out, ld, rows, len, bias, slope);                              \
