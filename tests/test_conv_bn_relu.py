@@ -715,6 +715,29 @@ def test_cpu_low_precision_and_float64_kernels(dtype):
         assert_close(a, r, dtype, name=f"grad {n}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 13, 7, 13), (2, 3, 7, 13), (2, 37, 5, 3)])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "none"])
+def test_cpu_bn_act_channels_last_backward_vs_float64_oracle(dtype, shape, act):
+    """The channels_last backward (AVX2-cloned row loops over channels): odd channel counts
+    (3, 13, 37), N 1, 7x13 pixels, every activation; y, dz, dgamma, dbeta vs the float64 oracle,
+    dz in channels_last, outputs start as NaN."""
+    z = randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    C = shape[1]
+    w, b = randn(C, requires_grad=True), randn(C, requires_grad=True)
+    with nan_poisoned_empty():
+        y = fastbig.ops.bn_act(z, w, b, activation=act, negative_slope=0.3)
+        dy = randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        grads = torch.autograd.grad(y, (z, w, b), dy)
+    z64 = z.detach().double().requires_grad_(True)
+    w64, b64 = w.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    y64, _ = ref.bn_act(z64, w64, b64, act=act, negative_slope=0.3)
+    assert_close(y, y64, dtype)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    for a, r, n in zip(grads, torch.autograd.grad(y64, (z64, w64, b64), dy.double()), "zwb"):
+        assert_close(a, r, dtype, name=f"grad {n}")
+
+
 # ---- CUDA: the same checks on the GPU kernels ------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
