@@ -74,4 +74,8 @@ TORCH_LIBRARY_FRAGMENT(fastbig, m) {
   m.def(
       "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var,"
       " Tensor(c!) num_batches_tracked, Tensor mean, Tensor var, int count, float? momentum) -> ()");
+  // Eval (BatchNorm folded into weight and bias): act(conv1x1(x, weight) + bias) for a 1x1 conv
+  // with stride 1, no padding, groups 1; x NCHW or channels_last (the output keeps it). CPU,
+  // float32/float64; the epilogue runs on each output block while it is in cache.
+  m.def("conv1x1_act(Tensor x, Tensor weight, Tensor? bias, int act, float negative_slope) -> Tensor");
 }

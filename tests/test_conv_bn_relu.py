@@ -282,6 +282,26 @@ def _count_onednn(monkeypatch):
     yield calls
 
 
+@contextlib.contextmanager
+def _count_conv1x1(monkeypatch):
+    """Counts the calls of the blocked 1x1 GEMM + epilogue path (the real one still runs)."""
+    calls = []
+    real = fastbig.ops.conv_bn_relu._conv1x1_act
+
+    def spy(*a, **k):
+        calls.append(tuple(a[0].shape))
+        return real(*a, **k)
+    monkeypatch.setattr(fastbig.ops.conv_bn_relu, "_conv1x1_act", spy)
+    yield calls
+
+
+def _conv1x1_path(block, x):
+    """Whether eval without autograd takes fastbig::conv1x1_act: a plain 1x1 conv on NCHW input."""
+    c = block.conv
+    return (not block._transposed and c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
+            and c.groups == 1 and x.is_contiguous() and torch.backends.mkl.is_available())
+
+
 def _seq_twin(block):
     """torch.nn's Sequential of deep copies of the block's layers: what the block replaces."""
     return nn.Sequential(*[copy.deepcopy(m) for m in block]).eval()
@@ -301,7 +321,8 @@ def test_eval_inference_fused_conv_act_vs_float64_oracle(name, channels_last, mo
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x0 = x.clone()
-    with _count_onednn(monkeypatch) as calls, torch.no_grad(), nan_poisoned_empty():
+    with _count_onednn(monkeypatch) as calls, _count_conv1x1(monkeypatch) as calls1x1, torch.no_grad(), \
+            nan_poisoned_empty():
         y = block(x)
         y_nn = seq(x)
     y64, _ = _ref_forward(block, _ref_state(block), x.double(), False)
@@ -309,8 +330,9 @@ def test_eval_inference_fused_conv_act_vs_float64_oracle(name, channels_last, mo
     strides = lambda t: [st for st, n in zip(t.stride(), t.shape) if n > 1]  # noqa: E731 (size-1 dims: any)
     assert strides(y) == strides(y_nn), f"layout {y.stride()} vs torch.nn's {y_nn.stride()}"
     assert torch.equal(x, x0), "the input was written"
-    one_by_one_nchw = block.conv.kernel_size == (1, 1) and not channels_last and torch.get_num_threads() == 1
-    if torch.backends.mkldnn.is_available() and not (one_by_one_nchw and not block._transposed):
+    one_by_one = _conv1x1_path(block, x)
+    assert calls1x1 == ([tuple(x.shape)] if one_by_one else []), calls1x1
+    if torch.backends.mkldnn.is_available() and not one_by_one:
         packed = channels_last and not block._transposed and not x.is_contiguous()
         assert calls == [torch._mkldnn if packed else torch.strided], calls
 
@@ -336,21 +358,25 @@ def test_eval_inference_model_moved_to_channels_last(name, monkeypatch):
             assert len(calls) == (1 if cl else 0), calls
 
 
-def test_eval_inference_1x1_single_thread_and_no_onednn_paths(monkeypatch):
-    """The paths beside oneDNN's: a 1x1 NCHW conv with one thread (torch's GEMM, then bias + ReLU
-    in one pass), oneDNN switched off, and autograd on (the differentiable fold): each right."""
+def test_eval_inference_1x1_threads_and_no_onednn_paths(monkeypatch):
+    """The paths beside oneDNN's: a 1x1 NCHW conv with one thread and with two (the blocked GEMM
+    + epilogue op), oneDNN switched off (channels_last: torch's conv, then bias + ReLU in one
+    pass), the reference backend, and autograd on (the differentiable fold): each right."""
     block, cin, (H, W) = _make("relu1x1_bias")
     block.eval()
     x = randn(2, cin, H, W)
     y64, _ = _ref_forward(block, _ref_state(block), x.double(), False)
     threads = torch.get_num_threads()
-    with _count_onednn(monkeypatch) as calls:
-        try:
-            torch.set_num_threads(1)
-            with torch.no_grad():
-                assert_close(block(x), y64, name="1 thread")
-        finally:
-            torch.set_num_threads(threads)
+    mkl = torch.backends.mkl.is_available()
+    with _count_onednn(monkeypatch) as calls, _count_conv1x1(monkeypatch) as calls1x1:
+        for n in (1, 2):
+            try:
+                torch.set_num_threads(n)
+                with torch.no_grad():
+                    assert_close(block(x), y64, name=f"{n} threads")
+            finally:
+                torch.set_num_threads(threads)
+        assert len(calls1x1) == (2 if mkl else 0), calls1x1
         enabled = torch.backends.mkldnn.enabled
         try:
             torch.backends.mkldnn.enabled = False
@@ -359,12 +385,77 @@ def test_eval_inference_1x1_single_thread_and_no_onednn_paths(monkeypatch):
                 assert_close(block(x.to(memory_format=torch.channels_last)), y64, name="oneDNN off, channels_last")
         finally:
             torch.backends.mkldnn.enabled = enabled
+        assert len(calls1x1) == (3 if mkl else 0), calls1x1  # NCHW: not oneDNN's, still taken
         with fastbig.backends.use("reference"), torch.no_grad():
             assert_close(block(x), y64, name="reference backend")
-        y = block(x)  # autograd on: not the fused op, which has no backward
+        y = block(x)  # autograd on: not the fused ops, which have no backward
         assert y.requires_grad
-        assert calls == []
+        assert calls == [] and len(calls1x1) == (3 if mkl else 0), (calls, calls1x1)
     assert_close(y, y64, name="with autograd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv1x1_act_op_vs_float64_oracle(dtype):
+    """fastbig::conv1x1_act alone: odd channel counts (3, 13), N 1, 7x13 pixels, and a shape
+    whose output splits into several cache blocks with a short last one (100->90 channels,
+    23x29: 288-column blocks); NCHW, channels_last, a strided non-contiguous view; every
+    activation with and without bias; outputs start as NaN; the input is not written."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("torch built without MKL: the op has no BLAS")
+    shapes = [(1, 3, 13, 7, 13), (2, 13, 3, 7, 13), (2, 100, 90, 23, 29)]
+    for N, cin, cout, H, W in shapes:
+        x = randn(N, cin, H, W, dtype=dtype)
+        w, b = randn(cout, cin, 1, 1, dtype=dtype), randn(cout, dtype=dtype)
+        z64 = torch.nn.functional.conv2d(x.double(), w.double())
+        views = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+                 "strided": torch.stack([x, -x], -1).flatten(-2)[..., ::2]}
+        for act, slope in (("none", 0.0), ("relu", 0.0), ("leaky_relu", 0.3)):
+            for bias in (None, b):
+                u = z64 if bias is None else z64 + bias.double().view(1, -1, 1, 1)
+                y64 = {"none": u, "relu": u.relu(), "leaky_relu": torch.nn.functional.leaky_relu(u, slope)}[act]
+                for kind, xv in views.items():
+                    x0 = xv.clone()
+                    with nan_poisoned_empty():
+                        y = torch.ops.fastbig.conv1x1_act(xv, w, bias, fastbig.ops.conv_bn_relu.ACTIVATIONS[act],
+                                                          slope)
+                    assert_close(y, y64, name=f"{(N, cin, cout, H, W)} {act} bias={bias is not None} {kind}")
+                    assert torch.equal(xv, x0)
+                    assert y.is_contiguous(memory_format=torch.channels_last if kind == "channels_last"
+                                           else torch.contiguous_format)
+
+
+def test_conv1x1_eval_routes_and_falls_back(monkeypatch):
+    """fastbig.ops.conv_bn_act in eval: a plain 1x1 conv takes the blocked GEMM op; stride 2,
+    padding 1, groups 2 and a transposed 1x1 fall back to the other paths; each vs the float64
+    oracle; bad inputs to the op raise naming the argument."""
+    C, K = 4, 6
+    vecs = dict(conv_bias=randn(K), bn_weight=randn(K) * 0.5 + 1, bn_bias=randn(K), running_mean=randn(K) * 0.3,
+                running_var=torch.rand(K) + 0.5)
+    d64 = {k: v.double() for k, v in vecs.items()}
+    mkl = torch.backends.mkl.is_available()
+    cases = [(dict(), True), (dict(stride=2), False), (dict(padding=1), False), (dict(groups=2), False),
+             (dict(transposed=True), False)]
+    for kw, fused in cases:
+        g = kw.get("groups", 1)
+        w = randn(C, K // g, 1, 1) if kw.get("transposed") else randn(K, C // g, 1, 1)
+        x = randn(2, C, 7, 5)
+        with _count_conv1x1(monkeypatch) as calls, torch.no_grad():
+            y = fastbig.ops.conv_bn_act(x, w, **vecs, **kw, training=False, activation="leaky_relu",
+                                        negative_slope=0.2)
+        y64, _ = ref.conv_bn_act(x.double(), w.double(), **d64, **kw, training=False, act="leaky_relu",
+                                 negative_slope=0.2)
+        assert_close(y, y64, name=str(kw))
+        assert len(calls) == (1 if fused and mkl else 0), (kw, calls)
+    if mkl:
+        x, w = randn(2, C, 3, 3), randn(K, C, 1, 1)
+        with pytest.raises(RuntimeError, match="weight must be"):
+            torch.ops.fastbig.conv1x1_act(x, randn(K, C + 1, 1, 1), None, 1, 0.0)
+        with pytest.raises(RuntimeError, match="bias must be"):
+            torch.ops.fastbig.conv1x1_act(x, w, randn(K + 1), 1, 0.0)
+        with pytest.raises(RuntimeError, match="act must be"):
+            torch.ops.fastbig.conv1x1_act(x, w, None, 7, 0.0)
+        with pytest.raises(RuntimeError, match="float32 or float64"):
+            torch.ops.fastbig.conv1x1_act(x.half(), w.half(), None, 1, 0.0)
 
 
 def test_prepacked_weight_cache_refreshes_with_the_fold(monkeypatch):
@@ -489,6 +580,9 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fastbig.bn_act_backward,
                               (randn(*zz.shape), zz, mean, invstd, w, b, act, 0.2))
     torch.library.opcheck(torch.ops.fastbig.bn_act_forward, (z, None, None, 1e-3, 0, 0.0))
+    if torch.backends.mkl.is_available():
+        for xx in (randn(2, 5, 3, 4), randn(2, 5, 3, 4).to(memory_format=torch.channels_last)):
+            torch.library.opcheck(torch.ops.fastbig.conv1x1_act, (xx, randn(6, 5, 1, 1), randn(6), 2, 0.2))
     mean, var = randn(5), torch.rand(5) + 0.1
     for momentum in (0.1, None):
         torch.library.opcheck(torch.ops.fastbig.bn_update_running_stats_,
@@ -618,6 +712,29 @@ def test_cpu_low_precision_and_float64_kernels(dtype):
     dy = randn(*y.shape, dtype=dtype)
     for a, r, n in zip(torch.autograd.grad(y, (z, w, b), dy), torch.autograd.grad(y64, (z64, w64, b64),
                                                                                    dy.double()), "zwb"):
+        assert_close(a, r, dtype, name=f"grad {n}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 13, 7, 13), (2, 3, 7, 13), (2, 37, 5, 3)])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "none"])
+def test_cpu_bn_act_channels_last_backward_vs_float64_oracle(dtype, shape, act):
+    """The channels_last backward (AVX2-cloned row loops over channels): odd channel counts
+    (3, 13, 37), N 1, 7x13 pixels, every activation; y, dz, dgamma, dbeta vs the float64 oracle,
+    dz in channels_last, outputs start as NaN."""
+    z = randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    C = shape[1]
+    w, b = randn(C, requires_grad=True), randn(C, requires_grad=True)
+    with nan_poisoned_empty():
+        y = fastbig.ops.bn_act(z, w, b, activation=act, negative_slope=0.3)
+        dy = randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        grads = torch.autograd.grad(y, (z, w, b), dy)
+    z64 = z.detach().double().requires_grad_(True)
+    w64, b64 = w.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    y64, _ = ref.bn_act(z64, w64, b64, act=act, negative_slope=0.3)
+    assert_close(y, y64, dtype)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    for a, r, n in zip(grads, torch.autograd.grad(y64, (z64, w64, b64), dy.double()), "zwb"):
         assert_close(a, r, dtype, name=f"grad {n}")
 
 

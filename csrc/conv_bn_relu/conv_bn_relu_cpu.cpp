@@ -17,6 +17,7 @@
 #include "common/welford.h"
 #include "conv_bn_relu/conv_bn_relu.h"
 #include "conv_bn_relu/conv_bn_relu_math.h"
+#include "conv_bn_relu/cpu_clones.h"
 
 namespace fastbig {
 namespace cbr {
@@ -224,6 +225,79 @@ void normalize_act(const scalar_t* z, scalar_t* y, Layout layout, int64_t N, int
   }
 }
 
+// ---- channels_last backward -----------------------------------------------------------------
+// Rows [r0, r1) of an [M x C] (NHWC) activation, each row one vector loop over its channels with
+// the per-channel parameters read from small L1-resident arrays. Two things make these loops
+// vector code: the dz coefficients come as three scalars (bn_backward_elem's scalar form; a
+// BackwardCoeffs struct built per element left the loop scalar), and the loops are cloned for
+// AVX2 (cpu_clones.h; the extension itself is built for baseline x86-64). Measured N8 C64 56x56,
+// 1 thread: the channels_last backward went from ~1.45x the NCHW one's time to ~0.85-0.95x.
+template <int64_t act, typename scalar_t, typename acc_t>
+FB_CPU_INLINE void nhwc_sums_rows_t(const scalar_t* dy, const scalar_t* z, int64_t C, int64_t r0, int64_t r1,
+                                    const acc_t* __restrict__ mp, const acc_t* __restrict__ ap,
+                                    const acc_t* __restrict__ bp, acc_t slope, acc_t* __restrict__ u1,
+                                    acc_t* __restrict__ u2) {
+  for (int64_t c = 0; c < C; ++c) u1[c] = u2[c] = acc_t(0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* zp = z + r * C;
+    const scalar_t* gp = dy + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t zv = acc_t(zp[c]);
+      const acc_t g = act_backward(acc_t(gp[c]), bn_pre(zv, mp[c], ap[c], bp[c]), act, slope);
+      u1[c] += g;
+      u2[c] += g * (zv - mp[c]);
+    }
+  }
+}
+
+template <int64_t act, typename scalar_t, typename acc_t>
+FB_CPU_INLINE void nhwc_elem_rows_t(const scalar_t* dy, const scalar_t* z, scalar_t* dz, int64_t C, int64_t r0,
+                                    int64_t r1, const acc_t* __restrict__ mp, const acc_t* __restrict__ ap,
+                                    const acc_t* __restrict__ bp, const acc_t* __restrict__ kp,
+                                    const acc_t* __restrict__ gmp, const acc_t* __restrict__ gjp, acc_t slope) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* zp = z + r * C;
+    const scalar_t* gp = dy + r * C;
+    scalar_t* dp = dz + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t zv = acc_t(zp[c]);
+      const acc_t g = act_backward(acc_t(gp[c]), bn_pre(zv, mp[c], ap[c], bp[c]), act, slope);
+      dp[c] = scalar_t(bn_backward_elem(g, zv, mp[c], kp[c], gmp[c], gjp[c]));
+    }
+  }
+}
+
+// The cloned entry points: one per (scalar_t, acc_t), the activation dispatched inside.
+#define FB_NHWC_BACKWARD(S, A)                                                                                   \
+  FB_CPU_CLONES void nhwc_sums_rows(const S* dy, const S* z, int64_t C, int64_t r0, int64_t r1, const A* mp,     \
+                                    const A* ap, const A* bp, int64_t act, A slope, A* u1, A* u2) {              \
+    if (act == kRelu) {                                                                                          \
+      nhwc_sums_rows_t<kRelu>(dy, z, C, r0, r1, mp, ap, bp, slope, u1, u2);                                      \
+    } else if (act == kLeakyRelu) {                                                                              \
+      nhwc_sums_rows_t<kLeakyRelu>(dy, z, C, r0, r1, mp, ap, bp, slope, u1, u2);                                 \
+    } else {                                                                                                     \
+      nhwc_sums_rows_t<kNone>(dy, z, C, r0, r1, mp, ap, bp, slope, u1, u2);                                      \
+    }                                                                                                            \
+  }                                                                                                              \
+  FB_CPU_CLONES void nhwc_elem_rows(const S* dy, const S* z, S* dz, int64_t C, int64_t r0, int64_t r1,          \
+                                    const A* mp, const A* ap, const A* bp, const A* kp, const A* gmp,            \
+                                    const A* gjp, int64_t act, A slope) {                                        \
+    if (act == kRelu) {                                                                                          \
+      nhwc_elem_rows_t<kRelu>(dy, z, dz, C, r0, r1, mp, ap, bp, kp, gmp, gjp, slope);                            \
+    } else if (act == kLeakyRelu) {                                                                              \
+      nhwc_elem_rows_t<kLeakyRelu>(dy, z, dz, C, r0, r1, mp, ap, bp, kp, gmp, gjp, slope);                       \
+    } else {                                                                                                     \
+      nhwc_elem_rows_t<kNone>(dy, z, dz, C, r0, r1, mp, ap, bp, kp, gmp, gjp, slope);                            \
+    }                                                                                                            \
+  }
+FB_NHWC_BACKWARD(float, float)
+FB_NHWC_BACKWARD(double, double)
+FB_NHWC_BACKWARD(at::BFloat16, float)
+FB_NHWC_BACKWARD(at::Half, float)
+#undef FB_NHWC_BACKWARD
+
 // ---- backward sums: S1 = sum dy', S2 = sum dy' (z - m) --------------------------------------
 template <int64_t act, typename scalar_t, typename acc_t>
 void backward_sums(const scalar_t* dy, const scalar_t* z, Layout layout, int64_t N, int64_t C, int64_t HW,
@@ -267,19 +341,8 @@ void backward_sums(const scalar_t* dy, const scalar_t* z, Layout layout, int64_t
       acc_t* u1 = u.data();
       acc_t* u2 = u.data() + C;
       for (int64_t b = b0; b < b1; ++b) {
-        std::fill(u.begin(), u.end(), acc_t(0));
         const int64_t r0 = b * rows, r1 = std::min(M, r0 + rows);
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* zp = z + r * C;
-          const scalar_t* gp = dy + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t zv = acc_t(zp[c]);
-            const acc_t g = act_backward(acc_t(gp[c]), bn_pre(zv, mp[c], ap[c], bp[c]), act, slope);
-            u1[c] += g;
-            u2[c] += g * (zv - mp[c]);
-          }
-        }
+        nhwc_sums_rows(dy, z, C, r0, r1, mp, ap, bp, act, slope, u1, u2);
         for (int64_t c = 0; c < C; ++c) {
           part[(b * C + c) * 2] = u1[c];
           part[(b * C + c) * 2 + 1] = u2[c];
@@ -329,18 +392,14 @@ void backward_elem(const scalar_t* dy, const scalar_t* z, scalar_t* dz, Layout l
     const acc_t* kp = kk.data();
     const acc_t* gmp = gm.data();
     const acc_t* gjp = gpj.data();
-    at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* zp = z + r * C;
-        const scalar_t* gp = dy + r * C;
-        scalar_t* dp = dz + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t zv = acc_t(zp[c]);
-          const acc_t g = act_backward(acc_t(gp[c]), bn_pre(zv, mp[c], ap[c], bp[c]), act, slope);
-          const BackwardCoeffs<acc_t> kc{kp[c], gmp[c], gjp[c], acc_t(0), acc_t(0)};
-          dp[c] = scalar_t(bn_backward_elem(g, zv, mp[c], kc));
-        }
+    // tasks of whole row chunks: a chunk's rows of z, dy and dz stay in L1 while its channel
+    // blocks go by (each block touches its part of every row)
+    const int64_t chunk = std::max<int64_t>(1, kChunk / C);
+    const int64_t M = N * HW, nchunks = (M + chunk - 1) / chunk;
+    at::parallel_for(0, nchunks, block_grain(chunk * C), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * chunk, r1 = std::min(M, r0 + chunk);
+        nhwc_elem_rows(dy, z, dz, C, r0, r1, mp, ap, bp, kp, gmp, gjp, act, slope);
       }
     });
   }

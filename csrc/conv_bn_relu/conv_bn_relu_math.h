@@ -81,9 +81,16 @@ FB_HD BackwardCoeffs<T> bn_backward_coeffs(T s1, T s2, T invstd, T gamma, int64_
   return r;
 }
 
+// The same with the coefficients as scalars: a vector loop over channels (channels_last) reads
+// them from per-coefficient arrays; a struct built per element keeps GCC from vectorizing it.
+template <typename T>
+FB_HD T bn_backward_elem(T dyp, T z, T mean, T k, T g_mean, T g_proj) {
+  return k * (dyp - g_mean - (z - mean) * g_proj);
+}
+
 template <typename T>
 FB_HD T bn_backward_elem(T dyp, T z, T mean, const BackwardCoeffs<T>& c) {
-  return c.k * (dyp - c.g_mean - (z - mean) * c.g_proj);
+  return bn_backward_elem(dyp, z, mean, c.k, c.g_mean, c.g_proj);
 }
 
 // BatchNorm2d's running-statistic update for one channel. factor as above.

@@ -163,7 +163,9 @@ class _ConvBnAct(nn.Sequential):
             raise ValueError(f"{type(self).__name__}: input must have {conv.in_channels} channels, "
                              f"got {x.shape[1]} (shape {tuple(x.shape)})")
         if conv.padding_mode == "zeros":
-            if not x.is_contiguous() and _ops._onednn_conv_act_ok(x, w, b, conv.padding, False):
+            if not x.is_contiguous() and _ops._onednn_conv_act_ok(x, w, b, conv.padding, False) \
+                    and not _ops._conv1x1_act_ok(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                                 False):
                 # channels_last input: the folded weight prepacked for oneDNN, cached beside the fold
                 return _ops._onednn_conv_act(x, self._packed(x, w), b, conv.stride, conv.padding, conv.dilation,
                                              conv.groups, False, 0, activation, slope)
