@@ -493,6 +493,22 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_step(const S
   }
 }
 
+// Runs worker(tid, nt) on a team of nt <= min(max_threads, torch's thread count) OpenMP threads
+// that meet at the worker's own barriers; one thread (0, 1) inside an enclosing parallel region or
+// without OpenMP. nt is the team OpenMP actually gave, which may be smaller than asked.
+template <typename F>
+void run_team(int64_t max_threads, const F& worker) {
+  const int64_t want = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), max_threads);
+#ifdef _OPENMP
+  if (want > 1) {
+#pragma omp parallel num_threads(static_cast<int>(want))
+    worker(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  worker(0, 1);
+}
+
 __attribute__((target("avx2,fma"), flatten)) void small_batch_worker(const SmallCtx& c, int tid, int nt) {
   const int64_t u0 = c.ntiles * tid / nt, u1 = c.ntiles * (tid + 1) / nt;
   pack_tiles(c, u0, u1);  // a thread reads only the tiles it packed: no barrier needed here
@@ -540,17 +556,8 @@ bool small_batch_loop(const LoopArgs& a) {
              H,
              ntiles};
   // Threads: at most one per 4 tiles (a barrier per step costs ~1 us; below that a thread
-  // has too little work to pay for it); one inside an enclosing parallel region.
-  int64_t nt = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), ntiles / 4);
-  nt = std::max<int64_t>(1, nt);
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(static_cast<int>(nt))
-    small_batch_worker(c, omp_get_thread_num(), omp_get_num_threads());
-    return true;
-  }
-#endif
-  small_batch_worker(c, 0, 1);
+  // has too little work to pay for it).
+  run_team(ntiles / 4, [&](int tid, int nt) { small_batch_worker(c, tid, nt); });
   return true;
 }
 
@@ -681,17 +688,8 @@ bool bwd_fused_loop(const BwdLoopArgs& a) {
            a.dG.data_ptr<float>(),
            H,
            ntiles};
-  // Threads: at most one per 2 column tiles (64 units), one inside an enclosing parallel region.
-  int64_t nt = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), ntiles / 2);
-  nt = std::max<int64_t>(1, nt);
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(static_cast<int>(nt))
-    bwd_loop_worker(c, omp_get_thread_num(), omp_get_num_threads());
-    return true;
-  }
-#endif
-  bwd_loop_worker(c, 0, 1);
+  // Threads: at most one per 2 column tiles (64 units).
+  run_team(ntiles / 2, [&](int tid, int nt) { bwd_loop_worker(c, tid, nt); });
   return true;
 }
 
