@@ -467,6 +467,23 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_cell(const _
 // n is), partial sums in acc_mem [n][32]; then the cell on each row.
 constexpr int64_t kKb = 64;
 
+// acc_mem[b*32 .. b*32+32) = rows[b] (K values) x one packed [K][32] tile, for b < n: K in
+// kKb blocks (so the tile's block stays in L1 across rows), rows 6 at a time, then 2, then 1.
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_gemm(const float* wt, int64_t K,
+                                                                          const float* const* rows, int64_t n,
+                                                                          float* acc_mem) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKb) {
+    const int64_t k1 = std::min(K, k0 + kKb);
+    int64_t b = 0;
+    for (; b + 6 <= n; b += 6) {
+      gemm_tile_6x2<0>(wt, k0, k1, rows + b, acc_mem + b * 32, k0 == 0);
+      gemm_tile_6x2<2>(wt, k0, k1, rows + b, acc_mem + b * 32, k0 == 0);
+    }
+    for (; b + 2 <= n; b += 2) gemv_tile<2>(wt, k0, k1, rows + b, acc_mem + b * 32, k0 == 0);
+    if (b < n) gemv_tile<1>(wt, k0, k1, rows + b, acc_mem + b * 32, k0 == 0);
+  }
+}
+
 __attribute__((target("avx2,fma"), always_inline)) inline void tile_step(const SmallCtx& c, int64_t u, int64_t off,
                                                                           int64_t n, int64_t n_a, int64_t off_p,
                                                                           float* acc_mem) {
@@ -474,16 +491,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_step(const S
   const float* wt = c.wp + u * H * 32;
   const float* hp[kSmallBatchCap];
   for (int64_t b = 0; b < n; ++b) hp[b] = b < n_a ? c.y + (off_p + b) * H : c.h0 + b * H;
-  for (int64_t k0 = 0; k0 < H; k0 += kKb) {
-    const int64_t k1 = std::min(H, k0 + kKb);
-    int64_t b = 0;
-    for (; b + 6 <= n; b += 6) {
-      gemm_tile_6x2<0>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
-      gemm_tile_6x2<2>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
-    }
-    for (; b + 2 <= n; b += 2) gemv_tile<2>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
-    if (b < n) gemv_tile<1>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
-  }
+  tile_gemm(wt, H, hp, n, acc_mem);
   for (int64_t b = 0; b < n; ++b) {
     const float* cp = b < n_a ? c.c_all + (off_p + b) * H : c.c0 + b * H;
     __m256 acc[4];
@@ -646,16 +654,7 @@ __attribute__((target("avx2,fma"), flatten)) void bwd_loop_worker(const BwdCtx& 
     for (int64_t b = 0; b < n; ++b) hp[b] = c.dG + (off + b) * K;
     for (int64_t u = u0; u < u1; ++u) {
       const float* wt = c.wp + u * K * 32;
-      for (int64_t k0 = 0; k0 < K; k0 += kKb) {
-        const int64_t k1 = std::min(K, k0 + kKb);
-        int64_t b = 0;
-        for (; b + 6 <= n; b += 6) {
-          gemm_tile_6x2<0>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
-          gemm_tile_6x2<2>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
-        }
-        for (; b + 2 <= n; b += 2) gemv_tile<2>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
-        if (b < n) gemv_tile<1>(wt, k0, k1, hp + b, acc_mem + b * 32, k0 == 0);
-      }
+      tile_gemm(wt, K, hp, n, acc_mem);
       const int64_t w = std::min<int64_t>(32, H - u * 32);
       for (int64_t b = 0; b < n; ++b) {
         float* dst = c.dh + b * H + u * 32;
