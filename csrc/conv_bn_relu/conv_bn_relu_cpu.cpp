@@ -82,7 +82,7 @@ ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& in
 // per-element Welford update instead, the very function each CUDA thread runs, so the CPU tests
 // exercise it too.
 template <typename scalar_t, typename acc_t>
-inline Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len) {
+FB_CPU_INLINE Welford<acc_t> chunk_stats_t(const scalar_t* p, int64_t len) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     Welford<acc_t> w = welford_init<acc_t>();
     for (int64_t i = 0; i < len; ++i) welford_update(w, acc_t(p[i]));
@@ -112,6 +112,94 @@ inline Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len) {
   return welford_from_chunk<acc_t>(m, q, len);
 }
 
+// ---- the NCHW and normalize hot loops, cloned for AVX2 ----------------------------------------
+// One plane (NCHW: HW elements of one channel) or one block of rows (channels_last) per call, the
+// activation a compile-time constant inside. Like the channels_last backward below, these entry
+// points are built twice (cpu_clones.h): the extension targets baseline x86-64, where the loops
+// get SSE2 only. Measured N8 C64 56x56, 1 thread: see the commit that added them.
+template <int64_t act, typename scalar_t, typename acc_t>
+FB_CPU_INLINE void nchw_norm_plane_t(const scalar_t* __restrict__ z, scalar_t* __restrict__ y, int64_t len, acc_t m,
+                                     acc_t a, acc_t be, acc_t slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) y[i] = scalar_t(act_forward(bn_pre(acc_t(z[i]), m, a, be), act, slope));
+}
+
+template <int64_t act, typename scalar_t, typename acc_t>
+FB_CPU_INLINE void nhwc_norm_rows_t(const scalar_t* z, scalar_t* y, int64_t C, int64_t r0, int64_t r1,
+                                    const acc_t* __restrict__ mp, const acc_t* __restrict__ ap,
+                                    const acc_t* __restrict__ bp, acc_t slope) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* __restrict__ zp = z + r * C;
+    scalar_t* __restrict__ yp = y + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) yp[c] = scalar_t(act_forward(bn_pre(acc_t(zp[c]), mp[c], ap[c], bp[c]), act, slope));
+  }
+}
+
+// S1, S2 partial sums of one chunk, in acc_t.
+template <int64_t act, typename scalar_t, typename acc_t>
+FB_CPU_INLINE void nchw_sums_chunk_t(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ z, int64_t len,
+                                     acc_t m, acc_t a, acc_t be, acc_t slope, acc_t& s1, acc_t& s2) {
+  acc_t u1 = 0, u2 = 0;
+#pragma omp simd reduction(+ : u1, u2)
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t zv = acc_t(z[i]);
+    const acc_t g = act_backward(acc_t(dy[i]), bn_pre(zv, m, a, be), act, slope);
+    u1 += g;
+    u2 += g * (zv - m);
+  }
+  s1 = u1;
+  s2 = u2;
+}
+
+template <int64_t act, typename scalar_t, typename acc_t>
+FB_CPU_INLINE void nchw_elem_plane_t(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ z,
+                                     scalar_t* __restrict__ dz, int64_t len, acc_t m, acc_t a, acc_t be, acc_t k,
+                                     acc_t g_mean, acc_t g_proj, acc_t slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t zv = acc_t(z[i]);
+    const acc_t g = act_backward(acc_t(dy[i]), bn_pre(zv, m, a, be), act, slope);
+    dz[i] = scalar_t(bn_backward_elem(g, zv, m, k, g_mean, g_proj));
+  }
+}
+
+// `call` with the activation as the template argument act_c.
+#define FB_WITH_ACT(act, call)          \
+  if ((act) == kRelu) {                 \
+    constexpr int64_t act_c = kRelu;    \
+    call;                               \
+  } else if ((act) == kLeakyRelu) {     \
+    constexpr int64_t act_c = kLeakyRelu; \
+    call;                               \
+  } else {                              \
+    constexpr int64_t act_c = kNone;    \
+    call;                               \
+  }
+
+#define FB_NCHW_LOOPS(S, A)                                                                                       \
+  FB_CPU_CLONES Welford<A> chunk_stats(const S* p, int64_t len) { return chunk_stats_t<S, A>(p, len); }           \
+  FB_CPU_CLONES void nchw_norm_plane(const S* z, S* y, int64_t len, A m, A a, A be, int64_t act, A slope) {       \
+    FB_WITH_ACT(act, (nchw_norm_plane_t<act_c, S, A>(z, y, len, m, a, be, slope)))                               \
+  }                                                                                                               \
+  FB_CPU_CLONES void nhwc_norm_rows(const S* z, S* y, int64_t C, int64_t r0, int64_t r1, const A* mp, const A* ap, \
+                                    const A* bp, int64_t act, A slope) {                                          \
+    FB_WITH_ACT(act, (nhwc_norm_rows_t<act_c, S, A>(z, y, C, r0, r1, mp, ap, bp, slope)))                        \
+  }                                                                                                               \
+  FB_CPU_CLONES void nchw_sums_chunk(const S* dy, const S* z, int64_t len, A m, A a, A be, int64_t act, A slope,  \
+                                     A& s1, A& s2) {                                                              \
+    FB_WITH_ACT(act, (nchw_sums_chunk_t<act_c, S, A>(dy, z, len, m, a, be, slope, s1, s2)))                      \
+  }                                                                                                               \
+  FB_CPU_CLONES void nchw_elem_plane(const S* dy, const S* z, S* dz, int64_t len, A m, A a, A be, A k, A g_mean,  \
+                                     A g_proj, int64_t act, A slope) {                                            \
+    FB_WITH_ACT(act, (nchw_elem_plane_t<act_c, S, A>(dy, z, dz, len, m, a, be, k, g_mean, g_proj, slope)))       \
+  }
+FB_NCHW_LOOPS(float, float)
+FB_NCHW_LOOPS(double, double)
+FB_NCHW_LOOPS(at::BFloat16, float)
+FB_NCHW_LOOPS(at::Half, float)
+#undef FB_NCHW_LOOPS
+
 // ---- statistics -------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
 void stats_nchw(const scalar_t* z, int64_t N, int64_t C, int64_t HW, acc_t* mean, acc_t* var) {
@@ -121,7 +209,7 @@ void stats_nchw(const scalar_t* z, int64_t N, int64_t C, int64_t HW, acc_t* mean
       for (int64_t n = 0; n < N; ++n) {
         const scalar_t* p = z + (n * C + c) * HW;
         for (int64_t off = 0; off < HW; off += kChunk) {
-          w = welford_merge(w, chunk_stats<scalar_t, acc_t>(p + off, std::min(kChunk, HW - off)));
+          w = welford_merge(w, chunk_stats(p + off, std::min(kChunk, HW - off)));
         }
       }
       mean[c] = w.mean;
@@ -205,22 +293,12 @@ void normalize_act(const scalar_t* z, scalar_t* y, Layout layout, int64_t N, int
     at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElems / HW), [&](int64_t p0, int64_t p1) {
       for (int64_t pl = p0; pl < p1; ++pl) {
         const int64_t c = pl % C;
-        const acc_t m = mp[c], a = ap[c], be = bp[c];
-        const scalar_t* zp = z + pl * HW;
-        scalar_t* yp = y + pl * HW;
-#pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) yp[i] = scalar_t(act_forward(bn_pre(acc_t(zp[i]), m, a, be), act, slope));
+        nchw_norm_plane(z + pl * HW, y + pl * HW, HW, mp[c], ap[c], bp[c], act, slope);
       }
     });
   } else {
     at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* zp = z + r * C;
-        scalar_t* yp = y + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          yp[c] = scalar_t(act_forward(bn_pre(acc_t(zp[c]), mp[c], ap[c], bp[c]), act, slope));
-      }
+      nhwc_norm_rows(z, y, C, r0, r1, mp, ap, bp, act, slope);
     });
   }
 }
@@ -273,30 +351,19 @@ FB_CPU_INLINE void nhwc_elem_rows_t(const scalar_t* dy, const scalar_t* z, scala
 #define FB_NHWC_BACKWARD(S, A)                                                                                   \
   FB_CPU_CLONES void nhwc_sums_rows(const S* dy, const S* z, int64_t C, int64_t r0, int64_t r1, const A* mp,     \
                                     const A* ap, const A* bp, int64_t act, A slope, A* u1, A* u2) {              \
-    if (act == kRelu) {                                                                                          \
-      nhwc_sums_rows_t<kRelu>(dy, z, C, r0, r1, mp, ap, bp, slope, u1, u2);                                      \
-    } else if (act == kLeakyRelu) {                                                                              \
-      nhwc_sums_rows_t<kLeakyRelu>(dy, z, C, r0, r1, mp, ap, bp, slope, u1, u2);                                 \
-    } else {                                                                                                     \
-      nhwc_sums_rows_t<kNone>(dy, z, C, r0, r1, mp, ap, bp, slope, u1, u2);                                      \
-    }                                                                                                            \
+    FB_WITH_ACT(act, (nhwc_sums_rows_t<act_c>(dy, z, C, r0, r1, mp, ap, bp, slope, u1, u2)))                      \
   }                                                                                                              \
   FB_CPU_CLONES void nhwc_elem_rows(const S* dy, const S* z, S* dz, int64_t C, int64_t r0, int64_t r1,          \
                                     const A* mp, const A* ap, const A* bp, const A* kp, const A* gmp,            \
                                     const A* gjp, int64_t act, A slope) {                                        \
-    if (act == kRelu) {                                                                                          \
-      nhwc_elem_rows_t<kRelu>(dy, z, dz, C, r0, r1, mp, ap, bp, kp, gmp, gjp, slope);                            \
-    } else if (act == kLeakyRelu) {                                                                              \
-      nhwc_elem_rows_t<kLeakyRelu>(dy, z, dz, C, r0, r1, mp, ap, bp, kp, gmp, gjp, slope);                       \
-    } else {                                                                                                     \
-      nhwc_elem_rows_t<kNone>(dy, z, dz, C, r0, r1, mp, ap, bp, kp, gmp, gjp, slope);                            \
-    }                                                                                                            \
+    FB_WITH_ACT(act, (nhwc_elem_rows_t<act_c>(dy, z, dz, C, r0, r1, mp, ap, bp, kp, gmp, gjp, slope)))            \
   }
 FB_NHWC_BACKWARD(float, float)
 FB_NHWC_BACKWARD(double, double)
 FB_NHWC_BACKWARD(at::BFloat16, float)
 FB_NHWC_BACKWARD(at::Half, float)
 #undef FB_NHWC_BACKWARD
+#undef FB_WITH_ACT
 
 // ---- backward sums: S1 = sum dy', S2 = sum dy' (z - m) --------------------------------------
 template <int64_t act, typename scalar_t, typename acc_t>
@@ -314,15 +381,8 @@ void backward_sums(const scalar_t* dy, const scalar_t* z, Layout layout, int64_t
           const scalar_t* zp = z + (n * C + c) * HW;
           const scalar_t* gp = dy + (n * C + c) * HW;
           for (int64_t off = 0; off < HW; off += kChunk) {
-            const int64_t len = std::min(kChunk, HW - off);
-            acc_t u1 = 0, u2 = 0;
-#pragma omp simd reduction(+ : u1, u2)
-            for (int64_t i = off; i < off + len; ++i) {
-              const acc_t zv = acc_t(zp[i]);
-              const acc_t g = act_backward(acc_t(gp[i]), bn_pre(zv, m, a, be), act, slope);
-              u1 += g;
-              u2 += g * (zv - m);
-            }
+            acc_t u1, u2;
+            nchw_sums_chunk(gp + off, zp + off, std::min(kChunk, HW - off), m, a, be, act, slope, u1, u2);
             t1 += double(u1);
             t2 += double(u2);
           }
@@ -370,16 +430,8 @@ void backward_elem(const scalar_t* dy, const scalar_t* z, scalar_t* dz, Layout l
       for (int64_t pl = p0; pl < p1; ++pl) {
         const int64_t c = pl % C;
         const acc_t m = mp[c], a = ap[c], be = bp[c];
-        const BackwardCoeffs<acc_t> kc = k[c];
-        const scalar_t* zp = z + pl * HW;
-        const scalar_t* gp = dy + pl * HW;
-        scalar_t* dp = dz + pl * HW;
-#pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) {
-          const acc_t zv = acc_t(zp[i]);
-          const acc_t g = act_backward(acc_t(gp[i]), bn_pre(zv, m, a, be), act, slope);
-          dp[i] = scalar_t(bn_backward_elem(g, zv, m, kc));
-        }
+        nchw_elem_plane(dy + pl * HW, z + pl * HW, dz + pl * HW, HW, m, a, be, k[c].k, k[c].g_mean, k[c].g_proj,
+                        act, slope);
       }
     });
   } else {
