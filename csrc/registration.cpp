@@ -18,6 +18,17 @@ TORCH_LIBRARY(fastbig, m) {
   m.def(
       "lstm_cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor act, Tensor c_prev, Tensor c)"
       " -> (Tensor grad_gates, Tensor grad_c_prev)");
+  // One whole nn.LSTMCell step: gates = x W_ih^T + h W_hh^T + b_ih + b_hh, then the cell
+  // (CPU: csrc/lstm/lstm_cpu.cpp). x [B, I], hx/cx [B, H], w_ih [4H, I], w_hh [4H, H].
+  // Returns h, c and the activated gates [B, 4H]. The backward computes grad_x only when
+  // need_input_grad and the weight/bias gradients only when need_weight_grad (else empty).
+  m.def(
+      "lstm_cell_step(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh)"
+      " -> (Tensor h, Tensor c, Tensor act)");
+  m.def(
+      "lstm_cell_step_backward(Tensor? grad_h, Tensor? grad_c, Tensor input, Tensor hx, Tensor cx, Tensor w_ih,"
+      " Tensor w_hh, Tensor c, Tensor act, bool need_input_grad, bool need_weight_grad)"
+      " -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b)");
   // A whole LSTM layer, one direction (csrc/lstm/lstm_layer.h). x [N, I] time-major, packed
   // when batch_sizes (1-D int64 CPU, non-increasing) is given, else N = T*B. h0 [B, P], c0 [B, H];
   // w_hr [P, H] when proj_size > 0. Returns y [N, P], h_n, c_n and what backward needs: the

@@ -16,38 +16,18 @@
 #include <type_traits>
 
 #include "conv_bn_relu/conv_bn_relu_math.h"
+#include "common/blas.h"
 #include "conv_bn_relu/cpu_clones.h"
-
-// The Fortran BLAS GEMMs libtorch_cpu exports when torch is built with MKL (ATen's own cpublas
-// wrapper is not exported). Weak: a torch without them still loads this extension, and the op
-// then says so (fastbig/ops/conv_bn_relu.py only calls it when torch.backends.mkl.is_available()).
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 namespace fastbig {
 namespace cbr {
 namespace {
 
-// Column-major C [m x n] = op(A) [m x k] @ B [k x n], beta 0. Sizes were checked to fit in int.
-inline void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                 int64_t ldb, float* c, int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = 'N';
-  const int im = int(m), in = int(n), ik = int(k), ila = int(lda), ilb = int(ldb), ilc = int(ldc);
-  const float one = 1.f, zero = 0.f;
-  sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ila, b, &ilb, &zero, c, &ilc);
-}
-inline void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
-                 int64_t ldb, double* c, int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = 'N';
-  const int im = int(m), in = int(n), ik = int(k), ila = int(lda), ilb = int(ldb), ilc = int(ldc);
-  const double one = 1.0, zero = 0.0;
-  dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ila, b, &ilb, &zero, c, &ilc);
+// Column-major C [m x n] = op(A) [m x k] @ B [k x n] (common/blas.h). Sizes were checked to fit in int.
+template <typename T>
+inline void gemm(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+                 T* c, int64_t ldc) {
+  blas::gemm(trans_a, false, m, n, k, a, lda, b, ldb, T(0), c, ldc);
 }
 
 // Bytes of one task's working set (input slice + output slice + weight): half of a 512 KiB L2.
@@ -164,7 +144,7 @@ at::Tensor conv1x1_act_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   auto out = at::empty({N, Cout, H, W}, x.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast
                                                                          : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  TORCH_CHECK(sgemm_ != nullptr && dgemm_ != nullptr,
+  TORCH_CHECK(blas::available(),
               "conv1x1_act: this torch exports no BLAS sgemm_/dgemm_ (built without MKL); use torch's conv");
   constexpr int64_t kIntMax = 2147483647;
   TORCH_CHECK(H * W <= kIntMax && Cin <= kIntMax && Cout <= kIntMax,

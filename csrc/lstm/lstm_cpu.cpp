@@ -5,10 +5,13 @@
 #include <torch/extension.h>
 
 #include <cstdlib>
+#include <limits>
+#include <utility>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include "common/blas.h"
 #include "lstm/lstm_cell.h"
 #include "lstm/lstm_layer.h"
 #include "lstm/lstm_math.h"
@@ -127,10 +130,10 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_backward_cpu(const c10::optional<at
 // of cell_forward/cell_backward (float), the tail and other dtypes through the scalar one.
 
 template <typename scalar_t>
-inline void fwd_row_scalar(int64_t j0, int64_t H, scalar_t* g, const scalar_t* cp, scalar_t* c, scalar_t* h,
+inline void fwd_row_scalar(int64_t j0, int64_t j1, int64_t H, scalar_t* g, const scalar_t* cp, scalar_t* c, scalar_t* h,
                            const scalar_t* bias) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t j = j0; j < H; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     Gates<acc_t> a;
     acc_t cv, hv;
     acc_t ai = g[j], af = g[H + j], ag = g[2 * H + j], ao = g[3 * H + j];
@@ -151,10 +154,10 @@ inline void fwd_row_scalar(int64_t j0, int64_t H, scalar_t* g, const scalar_t* c
 }
 
 template <typename scalar_t>
-inline void bwd_row_scalar(int64_t j0, int64_t H, const scalar_t* dha, const scalar_t* dhb, scalar_t* dc,
+inline void bwd_row_scalar(int64_t j0, int64_t j1, int64_t H, const scalar_t* dha, const scalar_t* dhb, scalar_t* dc,
                            const scalar_t* act, const scalar_t* cp, const scalar_t* c, scalar_t* dg) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t j = j0; j < H; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     Gates<acc_t> a{act[j], act[H + j], act[2 * H + j], act[3 * H + j]};
     Gates<acc_t> d;
     acc_t dcp;
@@ -225,7 +228,7 @@ inline void fwd_rows_f32_body(const FwdStep& s, int64_t b0, int64_t b1) {
     int64_t j = 0;
     for (; j + 16 <= H; j += 16) fwd_vec<V16, M>(g, cp, c, h, bias, j, H);
     for (; j + 8 <= H; j += 8) fwd_vec<V8, M>(g, cp, c, h, bias, j, H);
-    fwd_row_scalar<float>(j, H, g, cp, c, h, bias);
+    fwd_row_scalar<float>(j, H, H, g, cp, c, h, bias);
   }
 }
 
@@ -243,7 +246,7 @@ inline void bwd_rows_f32_body(const BwdStep& s, int64_t b0, int64_t b1) {
     int64_t j = 0;
     for (; j + 16 <= H; j += 16) bwd_vec<V16, M>(dha, dhb, dc, act, cp, c, dg, j, H);
     for (; j + 8 <= H; j += 8) bwd_vec<V8, M>(dha, dhb, dc, act, cp, c, dg, j, H);
-    bwd_row_scalar<float>(j, H, dha, dhb, dc, act, cp, c, dg);
+    bwd_row_scalar<float>(j, H, H, dha, dhb, dc, act, cp, c, dg);
   }
 }
 
@@ -284,7 +287,7 @@ void layer_fwd_pointwise_cpu(at::ScalarType st, const FwdStep& s) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "lstm_layer_cpu", [&] {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* cp = (b < s.n_a ? static_cast<const scalar_t*>(s.cprev_a) : static_cast<const scalar_t*>(s.c0)) + b * s.H;
-        fwd_row_scalar<scalar_t>(0, s.H, static_cast<scalar_t*>(s.gates) + b * 4 * s.H, cp,
+        fwd_row_scalar<scalar_t>(0, s.H, s.H, static_cast<scalar_t*>(s.gates) + b * 4 * s.H, cp,
                                  static_cast<scalar_t*>(s.c_out) + b * s.H, static_cast<scalar_t*>(s.h_out) + b * s.H,
                                  static_cast<const scalar_t*>(s.bias));
       }
@@ -299,7 +302,7 @@ void layer_bwd_pointwise_cpu(at::ScalarType st, const BwdStep& s) {
       const int64_t H = s.H;
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* cp = (b < s.n_a ? static_cast<const scalar_t*>(s.cprev_a) : static_cast<const scalar_t*>(s.c0)) + b * H;
-        bwd_row_scalar<scalar_t>(0, H, static_cast<const scalar_t*>(s.dh_a) + b * H,
+        bwd_row_scalar<scalar_t>(0, H, H, static_cast<const scalar_t*>(s.dh_a) + b * H,
                                  s.dh_b ? static_cast<const scalar_t*>(s.dh_b) + b * H : nullptr,
                                  static_cast<scalar_t*>(s.dc) + b * H, static_cast<const scalar_t*>(s.act) + b * 4 * H, cp,
                                  static_cast<const scalar_t*>(s.c) + b * H, static_cast<scalar_t*>(s.dgates) + b * 4 * H);
@@ -712,6 +715,238 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                         hraw, &layer_bwd_pointwise_cpu, &bwd_fused_loop);
 }
 
+// ---- whole-cell op: one step of nn.LSTMCell, GEMMs and cell in one call --------------------
+// A Python loop over LSTMCell (seq2seq decoders) runs, per step, x W_ih^T + h W_hh^T + b and the
+// cell, and in backward the cell gradient, dx = dG W_ih, dh = dG W_hh, dW_ih = dG^T x,
+// dW_hh = dG^T h, db = sum dG. With B = 64, H = 256 each GEMM is ~34 MFLOP: too small for a
+// multi-threaded GEMM to split well (a two-thread MKL call of x W_ih^T runs at ~115 GFLOP/s here,
+// a single-threaded one at ~80). So float32 with BLAS runs one OpenMP team per call in which
+// every thread does its own GEMMs single-threaded, and the pointwise work of the units it owns:
+//   forward:  thread t owns hidden units [j0, j1): the gate columns q*H + [j0, j1) of
+//             x W_ih^T + h W_hh^T (8 GEMM calls), then the cell on those units, no barrier;
+//   backward: the cell gradient of its units -> dG columns and dc_prev, its rows of dW_ih,
+//             dW_hh (from its own dG columns) and of db; one barrier; then its share of the
+//             columns of dx = dG W_ih and dh = dG W_hh (which read all of dG).
+// Other dtypes, and a torch without BLAS symbols, take ATen GEMMs plus the same cell kernels.
+
+template <typename M>
+inline void fwd_units_f32_body(float* g, const float* cp, float* c, float* h, const float* bias, int64_t j0,
+                               int64_t j1, int64_t H) {
+  int64_t j = j0;
+  for (; j + 16 <= j1; j += 16) fwd_vec<V16, M>(g, cp, c, h, bias, j, H);
+  for (; j + 8 <= j1; j += 8) fwd_vec<V8, M>(g, cp, c, h, bias, j, H);
+  fwd_row_scalar<float>(j, j1, H, g, cp, c, h, bias);
+}
+template <typename M>
+inline void bwd_units_f32_body(const float* dh, float* dc, const float* act, const float* cp, const float* c,
+                               float* dg, int64_t j0, int64_t j1, int64_t H) {
+  int64_t j = j0;
+  for (; j + 16 <= j1; j += 16) bwd_vec<V16, M>(dh, nullptr, dc, act, cp, c, dg, j, H);
+  for (; j + 8 <= j1; j += 8) bwd_vec<V8, M>(dh, nullptr, dc, act, cp, c, dg, j, H);
+  bwd_row_scalar<float>(j, j1, H, dh, nullptr, dc, act, cp, c, dg);
+}
+__attribute__((target("avx2,fma"), flatten)) void fwd_units_f32_avx2(float* g, const float* cp, float* c, float* h,
+                                                                     const float* bias, int64_t j0, int64_t j1,
+                                                                     int64_t H) {
+  fwd_units_f32_body<VecMath>(g, cp, c, h, bias, j0, j1, H);
+}
+__attribute__((flatten)) void fwd_units_f32_base(float* g, const float* cp, float* c, float* h, const float* bias,
+                                                 int64_t j0, int64_t j1, int64_t H) {
+  fwd_units_f32_body<VecMath>(g, cp, c, h, bias, j0, j1, H);
+}
+__attribute__((target("avx2,fma"), flatten)) void bwd_units_f32_avx2(const float* dh, float* dc, const float* act,
+                                                                     const float* cp, const float* c, float* dg,
+                                                                     int64_t j0, int64_t j1, int64_t H) {
+  bwd_units_f32_body<VecMath>(dh, dc, act, cp, c, dg, j0, j1, H);
+}
+__attribute__((flatten)) void bwd_units_f32_base(const float* dh, float* dc, const float* act, const float* cp,
+                                                 const float* c, float* dg, int64_t j0, int64_t j1, int64_t H) {
+  bwd_units_f32_body<VecMath>(dh, dc, act, cp, c, dg, j0, j1, H);
+}
+
+// Hidden units [j0, j1) of thread tid of nt: contiguous, 16-aligned (full vectors) where H allows.
+inline std::pair<int64_t, int64_t> unit_range(int64_t H, int tid, int nt) {
+  const int64_t blocks = (H + 15) / 16;
+  return {std::min(H, 16 * (blocks * tid / nt)), std::min(H, 16 * (blocks * (tid + 1) / nt))};
+}
+
+// Threads for one cell step: one per 64 hidden units at most, none for tiny problems.
+inline int64_t cell_step_threads(int64_t B, int64_t I, int64_t H) {
+  if (B * H * (I + H) < (int64_t(1) << 18)) return 1;
+  return std::max<int64_t>(1, H / 64);
+}
+
+inline bool cell_step_fused_ok(const at::Tensor& x, int64_t B, int64_t I, int64_t H) {
+  const int64_t lim = std::numeric_limits<int>::max();
+  return x.scalar_type() == at::kFloat && blas::available() && B > 0 && I > 0 && H > 0 && 4 * H * std::max(I, H) < lim &&
+         B * 4 * H < lim;
+}
+
+void check_cell_step(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                     const c10::optional<at::Tensor>& b_hh) {
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, op, ": w_ih must be [4*hidden_size, input_size], got ",
+              w_ih.sizes());
+  const int64_t H = w_ih.size(0) / 4, I = w_ih.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == I, op, ": input must be [batch, ", I, "], got ", x.sizes());
+  const int64_t B = x.size(0);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == B && h.size(1) == H, op, ": hx must be [", B, ", ", H, "], got ",
+              h.sizes());
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == B && c.size(1) == H, op, ": cx must be [", B, ", ", H, "], got ",
+              c.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, op, ": w_hh must be [", 4 * H, ", ", H,
+              "], got ", w_hh.sizes());
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (b->has_value() && (*b)->defined()) {
+      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == 4 * H, op, ": biases must be [", 4 * H, "], got ",
+                  (*b)->sizes());
+      TORCH_CHECK((*b)->scalar_type() == x.scalar_type() && (*b)->device() == x.device(), op,
+                  ": biases must have input's dtype and device");
+    }
+  }
+  for (const auto* t : {&h, &c, &w_ih, &w_hh}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": all tensors must have input's dtype ", x.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->device().is_cpu(), op, " (cpu): all tensors must be CPU tensors, got ", t->device());
+  }
+  TORCH_CHECK(x.device().is_cpu(), op, " (cpu): input must be a CPU tensor, got ", x.device());
+}
+
+// b_ih + b_hh (either may be absent), or undefined when both are.
+at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh) {
+  const bool hi = b_ih.has_value() && b_ih->defined(), hh = b_hh.has_value() && b_hh->defined();
+  if (hi && hh) return (*b_ih + *b_hh).contiguous();
+  if (hi) return b_ih->contiguous();
+  if (hh) return b_hh->contiguous();
+  return at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_step_cpu(
+    const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& w_ih_in,
+    const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh) {
+  check_cell_step("fastbig::lstm_cell_step", x_in, h_in, c_in, w_ih_in, w_hh_in, b_ih, b_hh);
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
+  const at::Tensor bias = bias_sum(b_ih, b_hh);
+  if (!cell_step_fused_ok(x_in, B, I, H)) {
+    at::Tensor gates = bias.defined() ? at::addmm(bias, x_in, w_ih_in.t()) : at::mm(x_in, w_ih_in.t());
+    gates.addmm_(h_in, w_hh_in.t());
+    return lstm_cell_cpu(gates, c_in);
+  }
+  const auto x = x_in.contiguous(), h = h_in.contiguous(), cp = c_in.contiguous();
+  const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  auto act = at::empty({B, 4 * H}, x.options());
+  auto hn = at::empty({B, H}, x.options());
+  auto cn = at::empty({B, H}, x.options());
+  const float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(), *cpp = cp.data_ptr<float>();
+  const float *wi = w_ih.data_ptr<float>(), *wh = w_hh.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float *ap = act.data_ptr<float>(), *hnp = hn.data_ptr<float>(), *cnp = cn.data_ptr<float>();
+  const bool avx2 = cpu_has_avx2_fma();
+  run_team(cell_step_threads(B, I, H), [&](int tid, int nt) {
+    const auto [j0, j1] = unit_range(H, tid, nt);
+    if (j0 >= j1) return;
+    for (int64_t q = 0; q < 4; ++q) {
+      float* g = ap + q * H + j0;
+      blas::gemm_rm(false, true, B, j1 - j0, I, xp, I, wi + (q * H + j0) * I, I, 0.f, g, 4 * H);
+      blas::gemm_rm(false, true, B, j1 - j0, H, hp, H, wh + (q * H + j0) * H, H, 1.f, g, 4 * H);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      if (avx2) fwd_units_f32_avx2(ap + b * 4 * H, cpp + b * H, cnp + b * H, hnp + b * H, bp, j0, j1, H);
+      else fwd_units_f32_base(ap + b * 4 * H, cpp + b * H, cnp + b * H, hnp + b * H, bp, j0, j1, H);
+    }
+  });
+  return {hn, cn, act};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_step_backward_cpu(
+    const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_c, const at::Tensor& x_in,
+    const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+    const at::Tensor& c_new, const at::Tensor& act_in, bool need_input_grad, bool need_weight_grad) {
+  check_cell_step("fastbig::lstm_cell_step_backward", x_in, h_in, c_in, w_ih_in, w_hh_in, c10::nullopt, c10::nullopt);
+  const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
+  TORCH_CHECK(act_in.sizes() == at::IntArrayRef({B, 4 * H}) && act_in.scalar_type() == x_in.scalar_type(),
+              "fastbig::lstm_cell_step_backward: act must be [", B, ", ", 4 * H, "] of input's dtype, got ",
+              act_in.sizes(), " ", act_in.scalar_type());
+  TORCH_CHECK(c_new.sizes() == c_in.sizes() && c_new.scalar_type() == x_in.scalar_type(),
+              "fastbig::lstm_cell_step_backward: c must be [", B, ", ", H, "] of input's dtype, got ", c_new.sizes());
+  for (const auto* g : {&grad_h, &grad_c}) {
+    if (g->has_value() && (*g)->defined())
+      TORCH_CHECK((*g)->sizes() == c_in.sizes() && (*g)->scalar_type() == x_in.scalar_type(),
+                  "fastbig::lstm_cell_step_backward: grad_h/grad_c must be [", B, ", ", H, "] of input's dtype, got ",
+                  (*g)->sizes(), " ", (*g)->scalar_type());
+  }
+  // a gradient not asked for: a fresh empty tensor each (outputs must not alias)
+  const auto empty = [&] { return at::empty({0}, x_in.options()); };
+  if (!cell_step_fused_ok(x_in, B, I, H)) {
+    auto [dG, dcp] = lstm_cell_backward_cpu(grad_h, grad_c, act_in, c_in, c_new);
+    at::Tensor dx = need_input_grad ? at::mm(dG, w_ih_in) : empty();
+    at::Tensor dh = at::mm(dG, w_hh_in);
+    at::Tensor dwi = need_weight_grad ? at::mm(dG.t(), x_in) : empty();
+    at::Tensor dwh = need_weight_grad ? at::mm(dG.t(), h_in) : empty();
+    at::Tensor db = need_weight_grad ? dG.sum(0) : empty();
+    return {dx, dh, dcp, dwi, dwh, db};
+  }
+  const auto x = x_in.contiguous(), h = h_in.contiguous(), cp = c_in.contiguous(), cn = c_new.contiguous();
+  const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), act = act_in.contiguous();
+  const auto opts = x.options();
+  const at::Tensor dh_in = grad_h.has_value() && grad_h->defined() ? grad_h->contiguous() : at::zeros({B, H}, opts);
+  // dc enters as dL/dc (from grad_c) and the cell kernel overwrites it with dL/dc_prev
+  at::Tensor dcp = grad_c.has_value() && grad_c->defined() ? grad_c->clone(at::MemoryFormat::Contiguous)
+                                                           : at::zeros({B, H}, opts);
+  auto dG = at::empty({B, 4 * H}, opts);
+  at::Tensor dx = need_input_grad ? at::empty({B, I}, opts) : empty();
+  auto dh = at::empty({B, H}, opts);
+  at::Tensor dwi = need_weight_grad ? at::empty({4 * H, I}, opts) : empty();
+  at::Tensor dwh = need_weight_grad ? at::empty({4 * H, H}, opts) : empty();
+  at::Tensor db = need_weight_grad ? at::empty({4 * H}, opts) : empty();
+  const float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(), *cpp = cp.data_ptr<float>();
+  const float *cnp = cn.data_ptr<float>(), *actp = act.data_ptr<float>(), *dhi = dh_in.data_ptr<float>();
+  const float *wi = w_ih.data_ptr<float>(), *wh = w_hh.data_ptr<float>();
+  float *dgp = dG.data_ptr<float>(), *dcpp = dcp.data_ptr<float>(), *dhp = dh.data_ptr<float>();
+  float* dxp = need_input_grad ? dx.data_ptr<float>() : nullptr;
+  float* dwip = need_weight_grad ? dwi.data_ptr<float>() : nullptr;
+  float* dwhp = need_weight_grad ? dwh.data_ptr<float>() : nullptr;
+  float* dbp = need_weight_grad ? db.data_ptr<float>() : nullptr;
+  const bool avx2 = cpu_has_avx2_fma();
+  run_team(cell_step_threads(B, I, H), [&](int tid, int nt) {
+    const auto [j0, j1] = unit_range(H, tid, nt);
+    if (j0 < j1) {
+      for (int64_t b = 0; b < B; ++b) {
+        if (avx2) bwd_units_f32_avx2(dhi + b * H, dcpp + b * H, actp + b * 4 * H, cpp + b * H, cnp + b * H,
+                                     dgp + b * 4 * H, j0, j1, H);
+        else bwd_units_f32_base(dhi + b * H, dcpp + b * H, actp + b * 4 * H, cpp + b * H, cnp + b * H,
+                                dgp + b * 4 * H, j0, j1, H);
+      }
+      if (need_weight_grad) {
+        for (int64_t q = 0; q < 4; ++q) {
+          const int64_t r = q * H + j0, n = j1 - j0;
+          blas::gemm_rm(true, false, n, I, B, dgp + r, 4 * H, xp, I, 0.f, dwip + r * I, I);
+          blas::gemm_rm(true, false, n, H, B, dgp + r, 4 * H, hp, H, 0.f, dwhp + r * H, H);
+          float* d = dbp + r;
+          for (int64_t j = 0; j < n; ++j) d[j] = 0.f;
+          for (int64_t b = 0; b < B; ++b) {
+            const float* g = dgp + b * 4 * H + r;
+            for (int64_t j = 0; j < n; ++j) d[j] += g[j];
+          }
+        }
+      }
+    }
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp barrier
+    }
+#endif
+    // columns of dx and dh, all of dG as the left operand
+    if (need_input_grad) {
+      const int64_t c0 = I * tid / nt, c1 = I * (tid + 1) / nt;
+      if (c0 < c1) blas::gemm_rm(false, false, B, c1 - c0, 4 * H, dgp, 4 * H, wi + c0, I, 0.f, dxp + c0, I);
+    }
+    const int64_t c0 = H * tid / nt, c1 = H * (tid + 1) / nt;
+    if (c0 < c1) blas::gemm_rm(false, false, B, c1 - c0, 4 * H, dgp, 4 * H, wh + c0, H, 0.f, dhp + c0, H);
+  });
+  return {dx, dh, dcp, dwi, dwh, db};
+}
+
 }  // namespace
 }  // namespace lstm
 }  // namespace fastbig
@@ -721,4 +956,6 @@ TORCH_LIBRARY_IMPL(fastbig, CPU, m) {
   m.impl("lstm_cell_backward", &fastbig::lstm::lstm_cell_backward_cpu);
   m.impl("lstm_layer", &fastbig::lstm::lstm_layer_cpu);
   m.impl("lstm_layer_backward", &fastbig::lstm::lstm_layer_backward_cpu);
+  m.impl("lstm_cell_step", &fastbig::lstm::lstm_cell_step_cpu);
+  m.impl("lstm_cell_step_backward", &fastbig::lstm::lstm_cell_step_backward_cpu);
 }

@@ -116,7 +116,7 @@ class LSTM(torch.nn.RNNBase):
 
 
 class LSTMCell(torch.nn.LSTMCell):
-    """torch.nn.LSTMCell: gates from two addmm, then the fused fastbig.ops.lstm_cell."""
+    """torch.nn.LSTMCell: one fastbig.ops.lstm_cell_step per call (the GEMMs and the cell fused)."""
 
     def forward(self, input, hx=None):
         if not isinstance(input, torch.Tensor):
@@ -151,14 +151,9 @@ class LSTMCell(torch.nn.LSTMCell):
                 raise TypeError(f"LSTMCell: {name} has dtype {t.dtype} but the weights have {w.dtype}")
             if t.device != w.device:
                 raise RuntimeError(f"LSTMCell: {name} is on {t.device} but the weights are on {w.device}")
-        # Two GEMMs into one [B, 4H] buffer (both biases folded into the first; the second
-        # accumulates in place: no copy of the buffer), one fused cell.
-        if self.bias:
-            gates = torch.addmm(self.bias_ih + self.bias_hh, x, self.weight_ih.t())
-        else:
-            gates = torch.mm(x, self.weight_ih.t())
-        gates = gates.addmm_(h, self.weight_hh.t())
-        h_new, c_new = ops.lstm_cell(gates, c)
+        h_new, c_new = ops.lstm_cell_step(x, h, c, self.weight_ih, self.weight_hh,
+                                          self.bias_ih if self.bias else None,
+                                          self.bias_hh if self.bias else None)
         if not batched:
             return h_new.squeeze(0), c_new.squeeze(0)
         return h_new, c_new

@@ -1,7 +1,7 @@
 """fastbig's fused ops: each checks its inputs and dispatches to Triton, _C or the reference."""
-from .lstm import lstm_cell  # noqa: F401
+from .lstm import lstm_cell, lstm_cell_step  # noqa: F401
 
-__all__ = ["lstm_cell"]
+__all__ = ["lstm_cell", "lstm_cell_step"]
 from .attention import attention, attention_varlen  # noqa: F401,E402
 
 __all__ += ["attention", "attention_varlen"]

@@ -2,6 +2,11 @@
 fake impls, autograd, input checks and dispatch to _C or the reference.
 
     lstm_cell(gates, c_prev) -> (h, c)      one fused pointwise step from pre-activation gates
+    lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh) -> (h, c)
+                                            one whole nn.LSTMCell step (GEMMs + cell) as one
+                                            op and one autograd node; CPU float32: one OpenMP
+                                            team per call, each thread its own single-threaded
+                                            GEMMs and the cell of the units it owns
     lstm(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
                                             one whole layer, one direction (csrc/lstm/lstm_layer.h):
                                             input GEMM for all steps, per step one recurrent GEMM
@@ -90,6 +95,103 @@ def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor):
         return ref.lstm_cell_pointwise(gates, c_prev)
     h, c, _ = torch.ops.fastbig.lstm_cell(gates, c_prev)
     return h, c
+
+
+# ---- the whole-cell step (nn.LSTMCell) --------------------------------------------------------
+_STEP = "lstm_cell_step"
+
+if has_op(_STEP):
+
+    @torch.library.register_fake("fastbig::lstm_cell_step")
+    def _lstm_cell_step_fake(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        B, H = x.shape[0], w_ih.shape[0] // 4
+        return x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, 4 * H)
+
+    @torch.library.register_fake("fastbig::lstm_cell_step_backward")
+    def _lstm_cell_step_backward_fake(grad_h, grad_c, x, h, c, w_ih, w_hh, c_new, act, need_input_grad,
+                                      need_weight_grad):
+        def out(shape, need):  # a gradient not asked for is empty (and aliases nothing)
+            return x.new_empty(shape if need else (0,))
+        return (out(x.shape, need_input_grad), h.new_empty(h.shape), c.new_empty(c.shape),
+                out(w_ih.shape, need_weight_grad), out(w_hh.shape, need_weight_grad),
+                out((w_ih.shape[0],), need_weight_grad))
+
+    def _lstm_cell_step_setup(ctx, inputs, output):
+        x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
+        _h_new, c_new, act = output
+        ctx.has_b = (b_ih is not None, b_hh is not None)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, act)
+        ctx.mark_non_differentiable(act)
+        ctx.set_materialize_grads(False)
+
+    def _lstm_cell_step_backward(ctx, grad_h, grad_c, _grad_act):
+        x, h, c, w_ih, w_hh, c_new, act = ctx.saved_tensors
+        _refuse_double_backward(_STEP, grad_h, grad_c, x, h, c, w_ih, w_hh)
+        if grad_h is None and grad_c is None:
+            return (None,) * 7
+        need = ctx.needs_input_grad
+        need_w = any(need[3:])
+        dx, dh, dc, dw_ih, dw_hh, db = torch.ops.fastbig.lstm_cell_step_backward(
+            grad_h, grad_c, x, h, c, w_ih, w_hh, c_new, act, need[0], need_w)
+        return (dx if need[0] else None, dh, dc, dw_ih if need_w else None, dw_hh if need_w else None,
+                db if need_w and ctx.has_b[0] else None, db if need_w and ctx.has_b[1] else None)
+
+    torch.library.register_autograd("fastbig::lstm_cell_step", _lstm_cell_step_backward,
+                                    setup_context=_lstm_cell_step_setup)
+
+
+def _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    check_tensor(_STEP, "w_ih", w_ih, dim=2)
+    if w_ih.shape[0] % 4 != 0 or w_ih.shape[0] == 0:
+        raise ValueError(f"{_STEP}: w_ih must be [4*hidden_size, input_size], got {tuple(w_ih.shape)}")
+    H, I = w_ih.shape[0] // 4, w_ih.shape[1]
+    check_tensor(_STEP, "x", x, dim=2)
+    if x.shape[1] != I:
+        raise RuntimeError(f"{_STEP}: input has inconsistent input_size: got {x.shape[1]} expected {I}")
+    B = x.shape[0]
+    check_tensor(_STEP, "h", h, dim=2)
+    check_tensor(_STEP, "c", c, dim=2)
+    check_shape(_STEP, "h", h, (B, H))
+    check_shape(_STEP, "c", c, (B, H))
+    check_tensor(_STEP, "w_hh", w_hh, dim=2)
+    check_shape(_STEP, "w_hh", w_hh, (4 * H, H))
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            check_tensor(_STEP, name, b, dim=1)
+            check_shape(_STEP, name, b, (4 * H,))
+    check_same(_STEP, "x", x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+
+
+def _step_backend(device) -> str:
+    fast = {}
+    if device.type == "cpu":
+        fast["cpu"] = backends.extension_available(device) if has_op(_STEP) else (False, f"{_STEP} not built")
+    elif device.type == "cuda":
+        # CUDA: the two GEMMs through cuBLAS and the fused lstm_cell kernel (no whole-step kernel)
+        fast["cuda"] = backends.extension_available(device) if has_op(_OP) else (False, "lstm_cell not built")
+    return backends.resolve(_STEP, device, fast=fast)
+
+
+def lstm_cell_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One nn.LSTMCell step: x [B, I], h and c [B, H], w_ih [4H, I], w_hh [4H, H], biases [4H]
+    or None -> (h', c'), torch.nn gate order (i, f, g, o)."""
+    _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    backend = _step_backend(x.device)
+    if backend == "reference":
+        return ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if x.device.type == "cpu":
+        h_new, c_new, _ = torch.ops.fastbig.lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        return h_new, c_new
+    # Two GEMMs into one [B, 4H] buffer (both biases folded into the first; the second
+    # accumulates in place: no copy of the buffer), one fused cell.
+    if b_ih is not None or b_hh is not None:
+        b = b_ih + b_hh if (b_ih is not None and b_hh is not None) else (b_ih if b_ih is not None else b_hh)
+        gates = torch.addmm(b, x, w_ih.t())
+    else:
+        gates = torch.mm(x, w_ih.t())
+    gates = gates.addmm_(h, w_hh.t())
+    h_new, c_new, _ = torch.ops.fastbig.lstm_cell(gates, c)
+    return h_new, c_new
 
 
 # ---- the whole-layer op ----------------------------------------------------------------------
