@@ -140,25 +140,34 @@ if has_op(_STEP):
                                     setup_context=_lstm_cell_step_setup)
 
 
-def _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    check_tensor(_STEP, "w_ih", w_ih, dim=2)
+def _check_w_ih(op, w_ih):
+    """w_ih [4H, I] -> (H, I)."""
+    check_tensor(op, "w_ih", w_ih, dim=2)
     if w_ih.shape[0] % 4 != 0 or w_ih.shape[0] == 0:
-        raise ValueError(f"{_STEP}: w_ih must be [4*hidden_size, input_size], got {tuple(w_ih.shape)}")
-    H, I = w_ih.shape[0] // 4, w_ih.shape[1]
+        raise ValueError(f"{op}: w_ih must be [4*hidden_size, input_size], got {tuple(w_ih.shape)}")
+    return w_ih.shape[0] // 4, w_ih.shape[1]
+
+
+def _check_state_and_weights(op, B, H, P, h_name, h, c_name, c, w_hh, b_ih, b_hh):
+    """h [B, P], c [B, H], w_hh [4H, P], biases [4H] or None."""
+    check_tensor(op, h_name, h, dim=2)
+    check_tensor(op, c_name, c, dim=2)
+    check_shape(op, h_name, h, (B, P))
+    check_shape(op, c_name, c, (B, H))
+    check_tensor(op, "w_hh", w_hh, dim=2)
+    check_shape(op, "w_hh", w_hh, (4 * H, P))
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            check_tensor(op, name, b, dim=1)
+            check_shape(op, name, b, (4 * H,))
+
+
+def _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    H, I = _check_w_ih(_STEP, w_ih)
     check_tensor(_STEP, "x", x, dim=2)
     if x.shape[1] != I:
         raise RuntimeError(f"{_STEP}: input has inconsistent input_size: got {x.shape[1]} expected {I}")
-    B = x.shape[0]
-    check_tensor(_STEP, "h", h, dim=2)
-    check_tensor(_STEP, "c", c, dim=2)
-    check_shape(_STEP, "h", h, (B, H))
-    check_shape(_STEP, "c", c, (B, H))
-    check_tensor(_STEP, "w_hh", w_hh, dim=2)
-    check_shape(_STEP, "w_hh", w_hh, (4 * H, H))
-    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
-        if b is not None:
-            check_tensor(_STEP, name, b, dim=1)
-            check_shape(_STEP, name, b, (4 * H,))
+    _check_state_and_weights(_STEP, x.shape[0], H, H, "h", h, "c", c, w_hh, b_ih, b_hh)
     check_same(_STEP, "x", x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
 
 
@@ -243,10 +252,7 @@ if has_op("lstm_layer"):
 
 
 def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
-    check_tensor(_LAYER, "w_ih", w_ih, dim=2)
-    if w_ih.shape[0] % 4 != 0 or w_ih.shape[0] == 0:
-        raise ValueError(f"{_LAYER}: w_ih must be [4*hidden_size, input_size], got {tuple(w_ih.shape)}")
-    H, I = w_ih.shape[0] // 4, w_ih.shape[1]
+    H, I = _check_w_ih(_LAYER, w_ih)
     if w_hr is not None:
         check_tensor(_LAYER, "w_hr", w_hr, dim=2)
         if not (0 < w_hr.shape[0] < H) or w_hr.shape[1] != H:
@@ -269,16 +275,8 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
         raise RuntimeError(f"{_LAYER}: input.size(-1) must be equal to input_size. Expected {I}, "
                            f"got {x.shape[-1]}")
     check_tensor(_LAYER, "h0", h0, dim=2)
-    check_tensor(_LAYER, "c0", c0, dim=2)
     B = x.shape[1] if batch_sizes is None else h0.shape[0]
-    check_shape(_LAYER, "h0", h0, (B, P))
-    check_shape(_LAYER, "c0", c0, (B, H))
-    check_tensor(_LAYER, "w_hh", w_hh, dim=2)
-    check_shape(_LAYER, "w_hh", w_hh, (4 * H, P))
-    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
-        if b is not None:
-            check_tensor(_LAYER, name, b, dim=1)
-            check_shape(_LAYER, name, b, (4 * H,))
+    _check_state_and_weights(_LAYER, B, H, P, "h0", h0, "c0", c0, w_hh, b_ih, b_hh)
     check_same(_LAYER, "x", x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     if batch_sizes is not None and not torch.compiler.is_compiling():
         bs = batch_sizes.tolist()
