@@ -1,6 +1,8 @@
 """fastbig::lstm_cell_step, one whole nn.LSTMCell step (GEMMs + cell, one autograd node): forward
 and every gradient vs the float64 oracle, on the fused float32 CPU kernel (its thread splits
 included) and on the ATen fallback (float64, other dtypes)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -64,6 +66,27 @@ def _check_vs_f64(args, grads=("h", "c")):
 def test_float32_fused_vs_float64(B, I, H, nt, threads):
     threads(nt)
     _check_vs_f64(_case(B, I, H))
+
+
+@contextlib.contextmanager
+def _nan_poisoned_empty():
+    """Every empty tensor (the kernels' outputs and gradients included) starts as NaN."""
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        torch.utils.deterministic.fill_uninitialized_memory = old[1]
+
+
+@pytest.mark.parametrize("B,I,H,nt", [(13, 70, 130, 2), (9, 150, 200, 3), (5, 1, 257, 4)])
+def test_every_output_element_written(B, I, H, nt, threads):
+    """Outputs come from empty, NaN-filled here: a unit or column no thread covers would show."""
+    threads(nt)
+    with _nan_poisoned_empty():
+        _check_vs_f64(_case(max(B, 1), I, H))
 
 
 @pytest.mark.parametrize("bias", [(False, False), (True, False), (False, True)])
