@@ -738,6 +738,41 @@ def test_cpu_bn_act_channels_last_backward_vs_float64_oracle(dtype, shape, act):
         assert_close(a, r, dtype, name=f"grad {n}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 6, 7, 13), (1, 9, 71, 67)])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "none"])
+def test_cpu_bn_act_nchw_both_schedules_vs_float64_oracle(dtype, shape, act):
+    """NCHW runs one task per channel (statistics then normalize; sums then dz) when there are
+    >= 4 channels per thread, else the two-pass schedule: C 6 and 9 take the first at 1 thread
+    and the second at 4 (71x67 planes: several 4096-element chunks). Both vs the float64
+    oracle, outputs start as NaN, and the two schedules agree bit for bit."""
+    C = shape[1]
+    z = randn(*shape, dtype=dtype, scale=2.0) + 3.0
+    w, b = randn(C), randn(C)
+    dy = randn(*shape, dtype=dtype)
+    z64 = z.double().requires_grad_(True)
+    w64, b64 = w.double().requires_grad_(True), b.double().requires_grad_(True)
+    y64, _ = ref.bn_act(z64, w64, b64, act=act, negative_slope=0.3)
+    g64 = torch.autograd.grad(y64, (z64, w64, b64), dy.double())
+    n = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            zt, wt, bt = (t.clone().requires_grad_(True) for t in (z, w, b))
+            with nan_poisoned_empty():
+                y = fastbig.ops.bn_act(zt, wt, bt, activation=act, negative_slope=0.3)
+                grads = torch.autograd.grad(y, (zt, wt, bt), dy)
+            assert_close(y, y64, dtype)
+            for a, r, nm in zip(grads, g64, "zwb"):
+                assert_close(a, r, dtype, name=f"grad {nm}")
+            runs.append((y,) + grads)
+    finally:
+        torch.set_num_threads(n)
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
 # ---- CUDA: the same checks on the GPU kernels ------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
