@@ -246,3 +246,28 @@ def test_bad_inputs_name_the_argument(args, exc, words):
 def test_cpp_checks_guard_direct_op_calls(i, t, words):
     with pytest.raises(RuntimeError, match=words):
         torch.ops.fastbig.lstm_cell_step(*_with(i, t))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, torch.float16, torch.bfloat16])
+def test_cuda_vs_float64(dtype):
+    """CUDA: cuBLAS GEMMs + the fused cell kernels, one op; every gradient vs the float64 oracle."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        args = [t.detach().cuda().requires_grad_() if t is not None else None
+                for t in _case(33, 70, 53, dtype=dtype)]
+        B, H = args[1].shape
+        with fastbig.backends.use("cuda"):
+            h, c = fastbig.ops.lstm_cell_step(*args)
+        a64 = [t.detach().cpu().double().requires_grad_() for t in args]
+        h64, c64 = ref_cell(*a64)
+        assert_close(h, h64, dtype, name="h")
+        assert_close(c, c64, dtype, name="c")
+        gh, gc = randn(B, H, dtype=dtype, device="cuda"), randn(B, H, dtype=dtype, device="cuda")
+        g = torch.autograd.grad((h, c), args, (gh, gc))
+        g64 = torch.autograd.grad((h64, c64), a64, (gh.cpu().double(), gc.cpu().double()))
+        for a, b in zip(g, g64):
+            assert_close(a, b, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

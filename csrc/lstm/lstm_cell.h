@@ -1,6 +1,9 @@
-// Shared argument checks for the lstm_cell kernels (CPU and CUDA).
+// Shared argument checks for the lstm_cell and lstm_cell_step kernels (CPU and CUDA), and the
+// ATen composite of a whole cell step that both devices use (CPU: where its fused kernel does not apply).
 #pragma once
 #include <torch/extension.h>
+
+#include <tuple>
 
 namespace fastbig {
 namespace lstm {
@@ -37,6 +40,102 @@ inline void check_cell_backward_inputs(const c10::optional<at::Tensor>& grad_h,
 inline at::Tensor grad_or_undefined(const c10::optional<at::Tensor>& g, const at::Tensor& like) {
   if (!g.has_value() || !g->defined()) return at::Tensor();
   return g->to(like.scalar_type()).contiguous();
+}
+
+// ---- lstm_cell_step: one whole nn.LSTMCell step -------------------------------------------
+// Shapes, dtypes and one device for all (each device's kernel checks that it is its own).
+inline void check_cell_step(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                            const c10::optional<at::Tensor>& b_hh) {
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, op, ": w_ih must be [4*hidden_size, input_size], got ",
+              w_ih.sizes());
+  const int64_t H = w_ih.size(0) / 4, I = w_ih.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == I, op, ": input must be [batch, ", I, "], got ", x.sizes());
+  const int64_t B = x.size(0);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == B && h.size(1) == H, op, ": hx must be [", B, ", ", H, "], got ",
+              h.sizes());
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == B && c.size(1) == H, op, ": cx must be [", B, ", ", H, "], got ",
+              c.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, op, ": w_hh must be [", 4 * H, ", ", H,
+              "], got ", w_hh.sizes());
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (b->has_value() && (*b)->defined()) {
+      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == 4 * H, op, ": biases must be [", 4 * H, "], got ",
+                  (*b)->sizes());
+      TORCH_CHECK((*b)->scalar_type() == x.scalar_type() && (*b)->device() == x.device(), op,
+                  ": biases must have input's dtype and device");
+    }
+  }
+  for (const auto* t : {&h, &c, &w_ih, &w_hh}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": all tensors must have input's dtype ", x.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), op, ": all tensors must be on input's device ", x.device(), ", got ",
+                t->device());
+  }
+}
+
+inline void check_cell_step_backward(const char* op, const c10::optional<at::Tensor>& grad_h,
+                                     const c10::optional<at::Tensor>& grad_c, const at::Tensor& x, const at::Tensor& h,
+                                     const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const at::Tensor& c_new, const at::Tensor& act) {
+  check_cell_step(op, x, h, c, w_ih, w_hh, c10::nullopt, c10::nullopt);
+  const int64_t B = x.size(0), H = h.size(1);
+  TORCH_CHECK(act.sizes() == at::IntArrayRef({B, 4 * H}) && act.scalar_type() == x.scalar_type() &&
+                  act.device() == x.device(),
+              op, ": act must be [", B, ", ", 4 * H, "] of input's dtype and device, got ", act.sizes(), " ",
+              act.scalar_type());
+  TORCH_CHECK(c_new.sizes() == c.sizes() && c_new.scalar_type() == x.scalar_type() && c_new.device() == x.device(),
+              op, ": c must be [", B, ", ", H, "] of input's dtype and device, got ", c_new.sizes());
+  for (const auto* g : {&grad_h, &grad_c}) {
+    if (g->has_value() && (*g)->defined())
+      TORCH_CHECK((*g)->sizes() == c.sizes() && (*g)->scalar_type() == x.scalar_type() &&
+                      (*g)->device() == x.device(),
+                  op, ": grad_h/grad_c must be [", B, ", ", H, "] of input's dtype and device, got ", (*g)->sizes(),
+                  " ", (*g)->scalar_type());
+  }
+}
+
+// b_ih + b_hh (either may be absent), or undefined when both are.
+inline at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh) {
+  const bool hi = b_ih.has_value() && b_ih->defined(), hh = b_hh.has_value() && b_hh->defined();
+  if (hi && hh) return (*b_ih + *b_hh).contiguous();
+  if (hi) return b_ih->contiguous();
+  if (hh) return b_hh->contiguous();
+  return at::Tensor();
+}
+
+using CellFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&);
+using CellBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const c10::optional<at::Tensor>&,
+                                                              const c10::optional<at::Tensor>&, const at::Tensor&,
+                                                              const at::Tensor&, const at::Tensor&);
+
+// The step through ATen GEMMs (cuBLAS / the CPU BLAS) and the device's fused cell kernels: the
+// two GEMMs into one [B, 4H] buffer (the bias folded into the first, the second accumulating in
+// place), then the cell.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_step_aten(const at::Tensor& x, const at::Tensor& h,
+                                                                     const at::Tensor& c, const at::Tensor& w_ih,
+                                                                     const at::Tensor& w_hh, const at::Tensor& bias,
+                                                                     CellFn cell) {
+  at::Tensor gates = bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+  gates.addmm_(h, w_hh.t());
+  return cell(gates, c);
+}
+
+// Its backward: the cell's gradient dG, then dx = dG W_ih (when need_input_grad), dh = dG W_hh,
+// and dW_ih = dG^T x, dW_hh = dG^T h, db = sum_b dG (when need_weight_grad); a gradient not asked
+// for is a fresh empty tensor.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_step_backward_aten(
+    const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_c, const at::Tensor& x,
+    const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& c_new,
+    const at::Tensor& act, bool need_input_grad, bool need_weight_grad, CellBackwardFn cell_backward) {
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  auto [dG, dcp] = cell_backward(grad_h, grad_c, act, c, c_new);
+  at::Tensor dx = need_input_grad ? at::mm(dG, w_ih) : empty();
+  at::Tensor dh = at::mm(dG, w_hh);
+  at::Tensor dwi = need_weight_grad ? at::mm(dG.t(), x) : empty();
+  at::Tensor dwh = need_weight_grad ? at::mm(dG.t(), h) : empty();
+  at::Tensor db = need_weight_grad ? dG.sum(0) : empty();
+  return {dx, dh, dcp, dwi, dwh, db};
 }
 
 }  // namespace lstm

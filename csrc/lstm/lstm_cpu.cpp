@@ -782,56 +782,14 @@ inline bool cell_step_fused_ok(const at::Tensor& x, int64_t B, int64_t I, int64_
          B * 4 * H < lim;
 }
 
-void check_cell_step(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
-                     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-                     const c10::optional<at::Tensor>& b_hh) {
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, op, ": w_ih must be [4*hidden_size, input_size], got ",
-              w_ih.sizes());
-  const int64_t H = w_ih.size(0) / 4, I = w_ih.size(1);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == I, op, ": input must be [batch, ", I, "], got ", x.sizes());
-  const int64_t B = x.size(0);
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == B && h.size(1) == H, op, ": hx must be [", B, ", ", H, "], got ",
-              h.sizes());
-  TORCH_CHECK(c.dim() == 2 && c.size(0) == B && c.size(1) == H, op, ": cx must be [", B, ", ", H, "], got ",
-              c.sizes());
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H && w_hh.size(1) == H, op, ": w_hh must be [", 4 * H, ", ", H,
-              "], got ", w_hh.sizes());
-  for (const auto* b : {&b_ih, &b_hh}) {
-    if (b->has_value() && (*b)->defined()) {
-      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == 4 * H, op, ": biases must be [", 4 * H, "], got ",
-                  (*b)->sizes());
-      TORCH_CHECK((*b)->scalar_type() == x.scalar_type() && (*b)->device() == x.device(), op,
-                  ": biases must have input's dtype and device");
-    }
-  }
-  for (const auto* t : {&h, &c, &w_ih, &w_hh}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": all tensors must have input's dtype ", x.scalar_type(),
-                ", got ", t->scalar_type());
-    TORCH_CHECK(t->device().is_cpu(), op, " (cpu): all tensors must be CPU tensors, got ", t->device());
-  }
-  TORCH_CHECK(x.device().is_cpu(), op, " (cpu): input must be a CPU tensor, got ", x.device());
-}
-
-// b_ih + b_hh (either may be absent), or undefined when both are.
-at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh) {
-  const bool hi = b_ih.has_value() && b_ih->defined(), hh = b_hh.has_value() && b_hh->defined();
-  if (hi && hh) return (*b_ih + *b_hh).contiguous();
-  if (hi) return b_ih->contiguous();
-  if (hh) return b_hh->contiguous();
-  return at::Tensor();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_step_cpu(
     const at::Tensor& x_in, const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& w_ih_in,
     const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh) {
-  check_cell_step("fastbig::lstm_cell_step", x_in, h_in, c_in, w_ih_in, w_hh_in, b_ih, b_hh);
+  check_cell_step("fastbig::lstm_cell_step (cpu)", x_in, h_in, c_in, w_ih_in, w_hh_in, b_ih, b_hh);
+  TORCH_CHECK(x_in.device().is_cpu(), "fastbig::lstm_cell_step (cpu): input must be a CPU tensor, got ", x_in.device());
   const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
   const at::Tensor bias = bias_sum(b_ih, b_hh);
-  if (!cell_step_fused_ok(x_in, B, I, H)) {
-    at::Tensor gates = bias.defined() ? at::addmm(bias, x_in, w_ih_in.t()) : at::mm(x_in, w_ih_in.t());
-    gates.addmm_(h_in, w_hh_in.t());
-    return lstm_cell_cpu(gates, c_in);
-  }
+  if (!cell_step_fused_ok(x_in, B, I, H)) return cell_step_aten(x_in, h_in, c_in, w_ih_in, w_hh_in, bias, &lstm_cell_cpu);
   const auto x = x_in.contiguous(), h = h_in.contiguous(), cp = c_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   auto act = at::empty({B, 4 * H}, x.options());
@@ -862,30 +820,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_c, const at::Tensor& x_in,
     const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
     const at::Tensor& c_new, const at::Tensor& act_in, bool need_input_grad, bool need_weight_grad) {
-  check_cell_step("fastbig::lstm_cell_step_backward", x_in, h_in, c_in, w_ih_in, w_hh_in, c10::nullopt, c10::nullopt);
+  check_cell_step_backward("fastbig::lstm_cell_step_backward (cpu)", grad_h, grad_c, x_in, h_in, c_in, w_ih_in,
+                           w_hh_in, c_new, act_in);
+  TORCH_CHECK(x_in.device().is_cpu(), "fastbig::lstm_cell_step_backward (cpu): input must be a CPU tensor, got ",
+              x_in.device());
   const int64_t B = x_in.size(0), I = x_in.size(1), H = h_in.size(1);
-  TORCH_CHECK(act_in.sizes() == at::IntArrayRef({B, 4 * H}) && act_in.scalar_type() == x_in.scalar_type(),
-              "fastbig::lstm_cell_step_backward: act must be [", B, ", ", 4 * H, "] of input's dtype, got ",
-              act_in.sizes(), " ", act_in.scalar_type());
-  TORCH_CHECK(c_new.sizes() == c_in.sizes() && c_new.scalar_type() == x_in.scalar_type(),
-              "fastbig::lstm_cell_step_backward: c must be [", B, ", ", H, "] of input's dtype, got ", c_new.sizes());
-  for (const auto* g : {&grad_h, &grad_c}) {
-    if (g->has_value() && (*g)->defined())
-      TORCH_CHECK((*g)->sizes() == c_in.sizes() && (*g)->scalar_type() == x_in.scalar_type(),
-                  "fastbig::lstm_cell_step_backward: grad_h/grad_c must be [", B, ", ", H, "] of input's dtype, got ",
-                  (*g)->sizes(), " ", (*g)->scalar_type());
-  }
-  // a gradient not asked for: a fresh empty tensor each (outputs must not alias)
-  const auto empty = [&] { return at::empty({0}, x_in.options()); };
-  if (!cell_step_fused_ok(x_in, B, I, H)) {
-    auto [dG, dcp] = lstm_cell_backward_cpu(grad_h, grad_c, act_in, c_in, c_new);
-    at::Tensor dx = need_input_grad ? at::mm(dG, w_ih_in) : empty();
-    at::Tensor dh = at::mm(dG, w_hh_in);
-    at::Tensor dwi = need_weight_grad ? at::mm(dG.t(), x_in) : empty();
-    at::Tensor dwh = need_weight_grad ? at::mm(dG.t(), h_in) : empty();
-    at::Tensor db = need_weight_grad ? dG.sum(0) : empty();
-    return {dx, dh, dcp, dwi, dwh, db};
-  }
+  if (!cell_step_fused_ok(x_in, B, I, H))
+    return cell_step_backward_aten(grad_h, grad_c, x_in, h_in, c_in, w_ih_in, w_hh_in, c_new, act_in, need_input_grad,
+                                   need_weight_grad, &lstm_cell_backward_cpu);
+  const auto empty = [&] { return at::empty({0}, x_in.options()); };  // a gradient not asked for
   const auto x = x_in.contiguous(), h = h_in.contiguous(), cp = c_in.contiguous(), cn = c_new.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), act = act_in.contiguous();
   const auto opts = x.options();

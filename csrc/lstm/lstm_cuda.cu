@@ -220,6 +220,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                         hraw, &layer_bwd_pointwise_cuda);
 }
 
+// One whole nn.LSTMCell step: cuBLAS GEMMs through ATen and the fused cell kernels above
+// (lstm_cell.h's composite), as one op and one autograd node.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_step_cuda(const at::Tensor& x, const at::Tensor& h,
+                                                                   const at::Tensor& c, const at::Tensor& w_ih,
+                                                                   const at::Tensor& w_hh,
+                                                                   const c10::optional<at::Tensor>& b_ih,
+                                                                   const c10::optional<at::Tensor>& b_hh) {
+  check_cell_step("fastbig::lstm_cell_step (cuda)", x, h, c, w_ih, w_hh, b_ih, b_hh);
+  TORCH_CHECK(x.is_cuda(), "fastbig::lstm_cell_step (cuda): input must be a CUDA tensor, got ", x.device());
+  return cell_step_aten(x, h, c, w_ih, w_hh, bias_sum(b_ih, b_hh), &lstm_cell_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_step_backward_cuda(
+    const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_c, const at::Tensor& x,
+    const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& c_new,
+    const at::Tensor& act, bool need_input_grad, bool need_weight_grad) {
+  check_cell_step_backward("fastbig::lstm_cell_step_backward (cuda)", grad_h, grad_c, x, h, c, w_ih, w_hh, c_new, act);
+  TORCH_CHECK(x.is_cuda(), "fastbig::lstm_cell_step_backward (cuda): input must be a CUDA tensor, got ", x.device());
+  return cell_step_backward_aten(grad_h, grad_c, x, h, c, w_ih, w_hh, c_new, act, need_input_grad, need_weight_grad,
+                                 &lstm_cell_backward_cuda);
+}
+
 }  // namespace
 }  // namespace lstm
 }  // namespace fastbig
@@ -229,4 +251,6 @@ TORCH_LIBRARY_IMPL(fastbig, CUDA, m) {
   m.impl("lstm_cell_backward", &fastbig::lstm::lstm_cell_backward_cuda);
   m.impl("lstm_layer", &fastbig::lstm::lstm_layer_cuda);
   m.impl("lstm_layer_backward", &fastbig::lstm::lstm_layer_backward_cuda);
+  m.impl("lstm_cell_step", &fastbig::lstm::lstm_cell_step_cuda);
+  m.impl("lstm_cell_step_backward", &fastbig::lstm::lstm_cell_step_backward_cuda);
 }

@@ -6,7 +6,8 @@ fake impls, autograd, input checks and dispatch to _C or the reference.
                                             one whole nn.LSTMCell step (GEMMs + cell) as one
                                             op and one autograd node; CPU float32: one OpenMP
                                             team per call, each thread its own single-threaded
-                                            GEMMs and the cell of the units it owns
+                                            GEMMs and the cell of the units it owns; CUDA (and
+                                            other CPU dtypes): ATen GEMMs + the fused cell kernels
     lstm(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
                                             one whole layer, one direction (csrc/lstm/lstm_layer.h):
                                             input GEMM for all steps, per step one recurrent GEMM
@@ -173,11 +174,9 @@ def _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
 
 def _step_backend(device) -> str:
     fast = {}
-    if device.type == "cpu":
-        fast["cpu"] = backends.extension_available(device) if has_op(_STEP) else (False, f"{_STEP} not built")
-    elif device.type == "cuda":
-        # CUDA: the two GEMMs through cuBLAS and the fused lstm_cell kernel (no whole-step kernel)
-        fast["cuda"] = backends.extension_available(device) if has_op(_OP) else (False, "lstm_cell not built")
+    if device.type in ("cpu", "cuda"):
+        fast[device.type] = (backends.extension_available(device) if has_op(_STEP)
+                             else (False, f"{_STEP} not built"))
     return backends.resolve(_STEP, device, fast=fast)
 
 
@@ -185,21 +184,9 @@ def lstm_cell_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """One nn.LSTMCell step: x [B, I], h and c [B, H], w_ih [4H, I], w_hh [4H, H], biases [4H]
     or None -> (h', c'), torch.nn gate order (i, f, g, o)."""
     _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    backend = _step_backend(x.device)
-    if backend == "reference":
+    if _step_backend(x.device) == "reference":
         return ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if x.device.type == "cpu":
-        h_new, c_new, _ = torch.ops.fastbig.lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
-        return h_new, c_new
-    # Two GEMMs into one [B, 4H] buffer (both biases folded into the first; the second
-    # accumulates in place: no copy of the buffer), one fused cell.
-    if b_ih is not None or b_hh is not None:
-        b = b_ih + b_hh if (b_ih is not None and b_hh is not None) else (b_ih if b_ih is not None else b_hh)
-        gates = torch.addmm(b, x, w_ih.t())
-    else:
-        gates = torch.mm(x, w_ih.t())
-    gates = gates.addmm_(h, w_hh.t())
-    h_new, c_new, _ = torch.ops.fastbig.lstm_cell(gates, c)
+    h_new, c_new, _ = torch.ops.fastbig.lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
     return h_new, c_new
 
 
