@@ -803,10 +803,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_step_cpu(
   run_team(cell_step_threads(B, I, H), [&](int tid, int nt) {
     const auto [j0, j1] = unit_range(H, tid, nt);
     if (j0 >= j1) return;
-    for (int64_t q = 0; q < 4; ++q) {
+    // the four gate blocks q*H + [j0, j1): one column range when a thread owns every unit
+    const int64_t nq = j1 - j0 == H ? 1 : 4, cols = j1 - j0 == H ? 4 * H : j1 - j0;
+    for (int64_t q = 0; q < nq; ++q) {
       float* g = ap + q * H + j0;
-      blas::gemm_rm(false, true, B, j1 - j0, I, xp, I, wi + (q * H + j0) * I, I, 0.f, g, 4 * H);
-      blas::gemm_rm(false, true, B, j1 - j0, H, hp, H, wh + (q * H + j0) * H, H, 1.f, g, 4 * H);
+      blas::gemm_rm(false, true, B, cols, I, xp, I, wi + (q * H + j0) * I, I, 0.f, g, 4 * H);
+      blas::gemm_rm(false, true, B, cols, H, hp, H, wh + (q * H + j0) * H, H, 1.f, g, 4 * H);
     }
     for (int64_t b = 0; b < B; ++b) {
       if (avx2) fwd_units_f32_avx2(ap + b * 4 * H, cpp + b * H, cnp + b * H, hnp + b * H, bp, j0, j1, H);
@@ -861,8 +863,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                 dgp + b * 4 * H, j0, j1, H);
       }
       if (need_weight_grad) {
-        for (int64_t q = 0; q < 4; ++q) {
-          const int64_t r = q * H + j0, n = j1 - j0;
+        const int64_t nq = j1 - j0 == H ? 1 : 4;  // as in the forward
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t r = q * H + j0, n = j1 - j0 == H ? 4 * H : j1 - j0;
           blas::gemm_rm(true, false, n, I, B, dgp + r, 4 * H, xp, I, 0.f, dwip + r * I, I);
           blas::gemm_rm(true, false, n, H, B, dgp + r, 4 * H, hp, H, 0.f, dwhp + r * H, H);
           float* d = dbp + r;

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
+from ..ops.lstm import lstm_cell_step_unchecked
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -119,6 +120,21 @@ class LSTMCell(torch.nn.LSTMCell):
     """torch.nn.LSTMCell: one fastbig.ops.lstm_cell_step per call (the GEMMs and the cell fused)."""
 
     def forward(self, input, hx=None):
+        # A decoder calls this once per token: the common case (batched, hx given, everything
+        # consistent) is recognized in one test; anything else takes the checks below, which
+        # raise torch.nn's errors.
+        w = self.weight_ih
+        if isinstance(input, torch.Tensor) and isinstance(hx, tuple) and len(hx) == 2 and input.dim() == 2:
+            h, c = hx
+            want = (input.shape[0], self.hidden_size)
+            if (isinstance(h, torch.Tensor) and isinstance(c, torch.Tensor) and input.shape[1] == self.input_size
+                    and h.shape == want and c.shape == want
+                    and input.dtype == h.dtype == c.dtype == w.dtype
+                    and input.device == h.device == c.device == w.device):
+                return lstm_cell_step_unchecked(input, h, c, w, self.weight_hh, self.bias_ih, self.bias_hh)
+        return self._forward_checked(input, hx)
+
+    def _forward_checked(self, input, hx):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"LSTMCell: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -151,9 +167,8 @@ class LSTMCell(torch.nn.LSTMCell):
                 raise TypeError(f"LSTMCell: {name} has dtype {t.dtype} but the weights have {w.dtype}")
             if t.device != w.device:
                 raise RuntimeError(f"LSTMCell: {name} is on {t.device} but the weights are on {w.device}")
-        h_new, c_new = ops.lstm_cell_step(x, h, c, self.weight_ih, self.weight_hh,
-                                          self.bias_ih if self.bias else None,
-                                          self.bias_hh if self.bias else None)
+        h_new, c_new = lstm_cell_step_unchecked(x, h, c, self.weight_ih, self.weight_hh,
+                                                         self.bias_ih, self.bias_hh)
         if not batched:
             return h_new.squeeze(0), c_new.squeeze(0)
         return h_new, c_new

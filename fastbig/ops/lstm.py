@@ -173,6 +173,8 @@ def _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
 
 
 def _step_backend(device) -> str:
+    if device.type == "cpu" and _STEP_CPU_OK and backends.current() == "auto":
+        return "cpu"  # the per-token path of a decoder: no dict, no resolve
     fast = {}
     if device.type in ("cpu", "cuda"):
         fast[device.type] = (backends.extension_available(device) if has_op(_STEP)
@@ -180,10 +182,20 @@ def _step_backend(device) -> str:
     return backends.resolve(_STEP, device, fast=fast)
 
 
+_STEP_CPU_OK = has_op(_STEP) and backends.extension_available("cpu")[0]
+
+
 def lstm_cell_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
     """One nn.LSTMCell step: x [B, I], h and c [B, H], w_ih [4H, I], w_hh [4H, H], biases [4H]
     or None -> (h', c'), torch.nn gate order (i, f, g, o)."""
     _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    return lstm_cell_step_unchecked(x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+
+def lstm_cell_step_unchecked(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """lstm_cell_step for a caller that has checked the arguments itself (fastbig.nn.LSTMCell,
+    which raises torch.nn's errors): a decoder calls it once per token, where the Python checks
+    were a third of a batch-1 step. The C++ op still checks shapes, dtypes and devices."""
     if _step_backend(x.device) == "reference":
         return ref.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
     h_new, c_new, _ = torch.ops.fastbig.lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
