@@ -398,30 +398,36 @@ def test_eval_inference_1x1_threads_and_no_onednn_paths(monkeypatch):
 def test_conv1x1_act_op_vs_float64_oracle(dtype):
     """fastbig::conv1x1_act alone: odd channel counts (3, 13), N 1, 7x13 pixels, and a shape
     whose output splits into several cache blocks with a short last one (100->90 channels,
-    23x29: 288-column blocks); NCHW, channels_last, a strided non-contiguous view; every
-    activation with and without bias; outputs start as NaN; the input is not written."""
+    23x29: 224-column blocks), one image split between 3 threads (9x11: two 64-column blocks);
+    NCHW, channels_last, a strided non-contiguous view; every activation with and without bias;
+    outputs start as NaN; the input is not written."""
     if not torch.backends.mkl.is_available():
         pytest.skip("torch built without MKL: the op has no BLAS")
-    shapes = [(1, 3, 13, 7, 13), (2, 13, 3, 7, 13), (2, 100, 90, 23, 29)]
-    for N, cin, cout, H, W in shapes:
-        x = randn(N, cin, H, W, dtype=dtype)
-        w, b = randn(cout, cin, 1, 1, dtype=dtype), randn(cout, dtype=dtype)
-        z64 = torch.nn.functional.conv2d(x.double(), w.double())
-        views = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
-                 "strided": torch.stack([x, -x], -1).flatten(-2)[..., ::2]}
-        for act, slope in (("none", 0.0), ("relu", 0.0), ("leaky_relu", 0.3)):
-            for bias in (None, b):
-                u = z64 if bias is None else z64 + bias.double().view(1, -1, 1, 1)
-                y64 = {"none": u, "relu": u.relu(), "leaky_relu": torch.nn.functional.leaky_relu(u, slope)}[act]
-                for kind, xv in views.items():
-                    x0 = xv.clone()
-                    with nan_poisoned_empty():
-                        y = torch.ops.fastbig.conv1x1_act(xv, w, bias, fastbig.ops.conv_bn_relu.ACTIVATIONS[act],
-                                                          slope)
-                    assert_close(y, y64, name=f"{(N, cin, cout, H, W)} {act} bias={bias is not None} {kind}")
-                    assert torch.equal(xv, x0)
-                    assert y.is_contiguous(memory_format=torch.channels_last if kind == "channels_last"
-                                           else torch.contiguous_format)
+    shapes = [(1, 3, 13, 7, 13, 1), (2, 13, 3, 7, 13, 1), (2, 100, 90, 23, 29, 1), (1, 5, 6, 9, 11, 3)]
+    n_threads = torch.get_num_threads()
+    try:
+        for N, cin, cout, H, W, nt in shapes:
+            torch.set_num_threads(nt)
+            x = randn(N, cin, H, W, dtype=dtype)
+            w, b = randn(cout, cin, 1, 1, dtype=dtype), randn(cout, dtype=dtype)
+            z64 = torch.nn.functional.conv2d(x.double(), w.double())
+            views = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+                     "strided": torch.stack([x, -x], -1).flatten(-2)[..., ::2]}
+            for act, slope in (("none", 0.0), ("relu", 0.0), ("leaky_relu", 0.3)):
+                for bias in (None, b):
+                    u = z64 if bias is None else z64 + bias.double().view(1, -1, 1, 1)
+                    y64 = {"none": u, "relu": u.relu(), "leaky_relu": torch.nn.functional.leaky_relu(u, slope)}[act]
+                    for kind, xv in views.items():
+                        x0 = xv.clone()
+                        with nan_poisoned_empty():
+                            y = torch.ops.fastbig.conv1x1_act(xv, w, bias, fastbig.ops.conv_bn_relu.ACTIVATIONS[act],
+                                                              slope)
+                        assert_close(y, y64, name=f"{(N, cin, cout, H, W)} {act} bias={bias is not None} {kind}")
+                        assert torch.equal(xv, x0)
+                        assert y.is_contiguous(memory_format=torch.channels_last if kind == "channels_last"
+                                               else torch.contiguous_format)
+    finally:
+        torch.set_num_threads(n_threads)
 
 
 def test_conv1x1_eval_routes_and_falls_back(monkeypatch):
