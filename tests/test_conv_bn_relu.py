@@ -321,6 +321,8 @@ def test_eval_inference_fused_conv_act_vs_float64_oracle(name, channels_last, mo
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     x0 = x.clone()
+    # these shapes are below the size where NCHW convs take oneDNN (next test): lower it here
+    monkeypatch.setattr(fastbig.ops.conv_bn_relu, "_ONEDNN_MIN_FLOP", 0)
     with _count_onednn(monkeypatch) as calls, _count_conv1x1(monkeypatch) as calls1x1, torch.no_grad(), \
             nan_poisoned_empty():
         y = block(x)
@@ -335,6 +337,20 @@ def test_eval_inference_fused_conv_act_vs_float64_oracle(name, channels_last, mo
     if torch.backends.mkldnn.is_available() and not one_by_one:
         packed = channels_last and not block._transposed and not x.is_contiguous()
         assert calls == [torch._mkldnn if packed else torch.strided], calls
+
+
+@pytest.mark.parametrize("name", ["relu3x3_c3", "leaky_depthwise", "transposed_dcgan"])
+def test_eval_small_nchw_conv_takes_torch_conv(name, monkeypatch):
+    """A small NCHW conv (under ~50 MFLOP) skips oneDNN's fused primitive, which reorders the
+    weight on every call: torch's conv and the activation in place, still right."""
+    block, cin, (H, W) = _make(name)
+    block.eval()
+    x = randn(2, cin, H, W)
+    with _count_onednn(monkeypatch) as calls, torch.no_grad(), nan_poisoned_empty():
+        y = block(x)
+    y64, _ = _ref_forward(block, _ref_state(block), x.double(), False)
+    assert_close(y, y64, name="eval y")
+    assert calls == [], calls
 
 
 @pytest.mark.parametrize("name", ["relu3x3_c3", "transposed_groups"])
