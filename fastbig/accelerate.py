@@ -124,7 +124,11 @@ class FusedChainHead(nn.Module):
 class FusedChainTail(nn.Module):
     """Sits at the bn's path: owns the bn's parameters and buffers (the same dicts), so the keys
     and the running statistics stay where they were; forward passes its input through (the head
-    has already applied the batch norm)."""
+    has already applied the batch norm). It stands for the bn: ``train()``/``eval()`` here set the
+    bn's mode, which the fused block follows (``model.bn1.eval()`` freezes the statistics as it
+    did), and the bn's settings read and write through (``model.bn1.momentum = 0.01``)."""
+
+    _BN_SETTINGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
 
     def __init__(self, bn: nn.Module):
         super().__init__()
@@ -132,13 +136,39 @@ class FusedChainTail(nn.Module):
         object.__setattr__(self, "_buffers", bn._buffers)
         object.__setattr__(self, "_non_persistent_buffers_set", bn._non_persistent_buffers_set)
         self._version = getattr(type(bn), "_version", 1)  # state_dict metadata, as the bn's
-        self.__dict__["_bn_repr"] = repr(bn)
+        self.__dict__["_bn"] = bn
+        self.training = bn.training
 
     def forward(self, x):
         return x
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        bn = self.__dict__.get("_bn")
+        if bn is not None:
+            bn.train(mode)
+        return self
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            bn = self.__dict__.get("_bn")
+            if bn is None or name not in self._BN_SETTINGS:
+                raise
+            return getattr(bn, name)
+
+    def __setattr__(self, name, value):
+        bn = self.__dict__.get("_bn")
+        if bn is not None and name in self._BN_SETTINGS:
+            setattr(bn, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def extra_repr(self) -> str:
-        return f"{self.__dict__.get('_bn_repr', 'BatchNorm2d')} (applied by the fused block before)"
+        bn = self.__dict__.get("_bn")
+        return f"{bn!r} (applied by the fused block before)" if bn is not None else \
+            f"{self.__dict__.get('_bn_repr', 'BatchNorm2d')} (applied by the fused block before)"
 
 
 def _fnn():

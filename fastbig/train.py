@@ -308,6 +308,18 @@ def _gan_step(model, opts, real) -> float:
     return float(loss_d.item() + loss_g.item())
 
 
+def _check_out_dir(out: str) -> None:
+    """--out must be a folder that can be created and written: say so now, not after training."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out!r}: exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out!r}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out!r}: the folder is not writable")
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -597,6 +609,7 @@ def _run_train(args, log) -> int:
             raise UsageError("--tune: dcgan has no validation score to select on")
         out = args.out or os.path.join("runs", args.model)
     _resolve_device(cfg["device"])  # fail early on a bad --device
+    _check_out_dir(out)  # ... and on an --out that cannot be written, before any training
     progress = not args.quiet
     with _backend_ctx(cfg.get("backend")):
         splits = task.data(seed=cfg["seed"], limit=cfg.get("limit"))

@@ -303,3 +303,33 @@ def test_hf_gpt2_attention_through_fastbig():
     _hf_check(model, ref, ids, mask, "gpt2")
     # causal with no mask at all
     _hf_check(model, ref, ids, torch.ones(2, 7, dtype=torch.long), "gpt2-causal")
+
+
+def test_bn_path_stands_for_the_bn():
+    """After accelerate, the bn's path still acts as the bn: eval() on it freezes the statistics
+    (the fused block follows the bn's own mode), its settings read and write through; it survives
+    deepcopy; a LeakyReLU slope the kernels cannot take leaves the chain alone, results unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU(0.0))
+    _randomize_bn(model)
+    acc = copy.deepcopy(model)
+    report = fastbig.accelerate(acc)
+    assert [e.path for e in report.swapped] == ["0"]
+    assert [e.path for e in report.skipped] == ["3"] and "negative_slope" in report.skipped[0].reason
+    x = randn(2, 3, 8, 8)
+    for m in (model, acc):
+        m.train()
+        m[1].eval()
+        m[1].momentum = 0.5
+    assert acc[1].momentum == 0.5 and acc[0].block.bn.momentum == 0.5 and not acc[0].block.bn.training
+    rm = acc[1].running_mean.clone()
+    assert_close(acc(x), model.double()(x.double()), torch.float32, name="frozen bn")
+    assert torch.equal(acc[1].running_mean, rm)
+    for m in (model, acc):
+        m.train()
+    assert_close(acc(x), model(x.double()), torch.float32, name="train")
+    assert_close(acc[1].running_mean, model[1].running_mean, torch.float32, name="momentum 0.5")
+    twin = copy.deepcopy(acc)
+    twin[1].eval()
+    assert not twin[0].block.bn.training and acc[0].block.bn.training

@@ -245,6 +245,8 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     (["--op", "bogus"], "--op: expected"),
     (["--dtype", "int8"], "--dtype: expected"),
     (["--device", "tpu"], "--device: expected"),
+    (["--threads", "0"], "--threads: expected a positive integer"),  # was silently ignored
+    (["--threads", "-1"], "--threads: expected a positive integer"),  # was a traceback
 ])
 def test_bad_arguments(argv, msg, capsys, tmp_path):
     assert harness.main(argv + ["--out", str(tmp_path)]) == 2

@@ -696,10 +696,13 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="momentum must be a number in"):
         op(x, w, momentum=2.0)
     block = ConvBnReLU2d(3, 4, 3)
-    with pytest.raises(ValueError, match="x must have 3 channels"):
+    # the block raises what torch's Sequential(conv, bn, relu) raises here (its conv: RuntimeError)
+    with pytest.raises(RuntimeError, match="input must have 3 channels, got 4"):
         block(randn(2, 4, 5, 5))
-    with pytest.raises(ValueError, match="input must have 3 channels"):
+    with pytest.raises(RuntimeError, match="input must have 3 channels, got 4"):
         block.eval()(randn(2, 4, 5, 5))
+    with pytest.raises(RuntimeError, match="Given groups=1.*3 channels"):
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())(randn(2, 4, 5, 5))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         fastbig.ops.bn_act(randn(1, 3, 1, 1))
     with pytest.raises(RuntimeError, match="z must be 4-D"):
@@ -846,3 +849,61 @@ def test_cuda_blocks_train_eval(name):
         assert_close(y, y64)
         _grads_close(block, st, x, x64, y, y64, torch.float32, training)
     assert_close(block.bn.running_var, st["running_var"])
+
+
+def test_frozen_bn_inside_a_training_block_as_torch():
+    """The bn's own mode decides, as in nn.Sequential(conv, bn, act): the usual fine-tuning freeze
+    (every BatchNorm2d put in eval inside a training model) uses and keeps the running statistics;
+    a bn with running statistics whose track_running_stats was turned off uses them in eval."""
+    torch.manual_seed(0)
+    f = ConvBnLeakyReLU2d(3, 4, 3, padding=1, negative_slope=0.1)
+    t = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.LeakyReLU(0.1))
+    with torch.no_grad():
+        f.bn.running_mean.uniform_(-0.5, 0.5)
+        f.bn.running_var.uniform_(0.5, 2.0)
+    t.load_state_dict(f.state_dict())
+    x = randn(2, 3, 6, 6)
+    for m in (f, t):
+        m.train()
+        for b in m.modules():
+            if isinstance(b, nn.BatchNorm2d):
+                b.eval()
+    rm = f.bn.running_mean.clone()
+    y = f(x.requires_grad_())
+    assert_close(y, t.double()(x.double()), name="frozen bn")
+    assert torch.equal(f.bn.running_mean, rm) and int(f.bn.num_batches_tracked) == 0
+    y.sum().backward()
+    assert x.grad is not None and f.conv.weight.grad is not None
+    f.eval(), t.eval()
+    f.bn.track_running_stats = t[1].track_running_stats = False
+    assert_close(f(x.detach()), t(x.detach().double()), name="eval, track_running_stats flipped off")
+
+
+@pytest.mark.parametrize("cls", [ConvBnReLU2d, ConvTransposeBnReLU2d])
+def test_empty_batch_in_training_as_torch(cls):
+    """N=0 in training: torch's BatchNorm2d gives an empty output, keeps the running statistics,
+    counts the batch, and backward gives the weights zero gradients; so does the block."""
+    torch.manual_seed(0)
+    f = cls(3, 4, 3, padding=1)
+    conv = (nn.ConvTranspose2d if cls is ConvTransposeBnReLU2d else nn.Conv2d)(3, 4, 3, padding=1, bias=False)
+    t = nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU())
+    t.load_state_dict(f.state_dict())
+    x = randn(0, 3, 6, 6, requires_grad=True)
+    for m in (f, t):
+        y = m.train()(x)
+        assert y.shape == (0, 4, 6, 6)
+        y.sum().backward()
+    for (name, pt), pf in zip(t.named_parameters(), f.parameters()):
+        assert pf.grad is not None and torch.equal(pf.grad, pt.grad), name
+    for (name, bt), bf in zip(t.named_buffers(), f.buffers()):
+        assert torch.equal(bf, bt), name
+    assert int(f.bn.num_batches_tracked) == 1
+
+
+def test_leaky_slope_the_kernels_cannot_take_fails_at_construction():
+    for slope in (0.0, -0.2):
+        with pytest.raises(ValueError, match="negative_slope must be a finite number > 0"):
+            ConvBnLeakyReLU2d(3, 4, 3, negative_slope=slope)
+        with pytest.raises(ValueError, match="negative_slope must be a finite number > 0"):
+            ConvBnLeakyReLU2d.from_modules(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU(slope))
+    ConvBnLeakyReLU2d(3, 4, 3, negative_slope=1.5)

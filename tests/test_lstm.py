@@ -542,8 +542,12 @@ def test_lstm_cell_unbatched_no_hx_and_errors():
             fc(randn(2, 4, dtype=F64), (randn(3, 6, dtype=F64), randn(2, 6, dtype=F64)))
         with pytest.raises(RuntimeError, match="hidden1 has inconsistent hidden_size: got 5, expected 6"):
             fc(randn(2, 4, dtype=F64), (randn(2, 6, dtype=F64), randn(2, 5, dtype=F64)))
-        with pytest.raises(ValueError, match="Expected hx\\[0\\] to be 1D, got 2D"):
+        with pytest.raises(RuntimeError):  # torch.nn.LSTMCell's type for this one (its cell raises)
+            tc(x, (randn(1, 6, dtype=F64), randn(1, 6, dtype=F64)))
+        with pytest.raises(RuntimeError, match="Expected hx\\[0\\] to be 1D \\(as the input\\), got 2D"):
             fc(x, (randn(1, 6, dtype=F64), randn(1, 6, dtype=F64)))
+        with pytest.raises(ValueError, match="Expected hx\\[0\\] to be 1D or 2D, got 3D"):  # torch's own check
+            fc(x, (randn(1, 1, 6, dtype=F64), randn(1, 1, 6, dtype=F64)))
         with pytest.raises(TypeError, match="input has dtype torch.float32"):
             fc(randn(2, 4))
 
@@ -609,3 +613,24 @@ def test_double_backward_is_a_clear_error():
         y, h, c = fastbig.ops.lstm(x, h0, c0, w_ih, w_hh)
         g = torch.autograd.grad(y.square().sum(), (x, w_ih))  # plain backward is unaffected
     assert all(torch.isfinite(t).all() for t in g)
+
+
+def test_empty_batch_and_empty_sequence_as_torch():
+    """B=0: empty outputs, and each weight gets a zero gradient as torch.nn.LSTM gives (not None:
+    an optimizer treats the two differently). T=0: torch's RuntimeError."""
+    kw = dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+    torch.manual_seed(0)
+    t = torch.nn.LSTM(4, 5, **kw)
+    f = fastbig.nn.LSTM(4, 5, **kw)
+    f.load_state_dict(t.state_dict())
+    x = randn(0, 3, 4, requires_grad=True)
+    for m in (t, f):
+        y, (h, c) = m(x)
+        assert y.shape == (0, 3, 6) and h.shape == (4, 0, 3) and c.shape == (4, 0, 5)
+        (y.sum() + h.sum() + c.sum()).backward()
+    for (name, pt), pf in zip(t.named_parameters(), f.parameters()):
+        assert pf.grad is not None, f"{name}: no gradient (torch gives zeros)"
+        assert torch.equal(pf.grad, pt.grad) and not pf.grad.any(), name
+    for m in (t, f):
+        with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0"):
+            m(randn(2, 0, 4))

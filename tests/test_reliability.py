@@ -254,6 +254,16 @@ def _nan_pattern_check(q, k, v, **kw):
     return check
 
 
+@row("attention", "head dim 0 (D=0): an empty output, as SDPA", "works")
+def _():
+    q, k, v = _qkv(D=0)
+
+    def check(out):
+        assert out.shape == (2, 2, 5, 0), out.shape  # (1/sqrt(D) was a ZeroDivisionError)
+        return "empty [2, 2, 5, 0]"
+    return _attn_spec(q, k, v, check=check)
+
+
 @row("attention", "NaN in one query row", "works")
 def _():
     q, k, v = _qkv()
@@ -816,10 +826,77 @@ def _():
     return _conv_spec(a)
 
 
-@row("conv_bn_act", "empty batch (N=0), training", "raises", ValueError, r"more than 1 value per channel")
+@row("conv_bn_act", "empty batch (N=0), training: empty output, stats kept, batch counted", "works")
 def _():
     a = _conv(N=0)
+    rm, rv, nbt = a["rm"].clone(), a["rv"].clone(), a["nbt"].clone()
+
+    def check(y):  # torch's batch_norm on an empty batch (and BatchNorm2d's count)
+        assert y.shape == (0, 4, 6, 6)
+        assert torch.equal(rm, a["rm"]) and torch.equal(rv, a["rv"]) and int(nbt) == int(a["nbt"]) + 1
+        return "empty, running stats unchanged, num_batches_tracked + 1"
+    return dict(call=lambda: fastbig.ops.conv_bn_act(a["x"], a["w"], None, a["bw"], a["bb"], rm, rv, nbt,
+                                                     training=True, padding=1),
+                inputs=[a["x"], a["w"], a["bw"], a["bb"]], check=check)
+
+
+@row("conv_bn_act", "output_padding on a conv (not transposed)", "raises", ValueError, r"output_padding.*transposed")
+def _():
+    return _conv_spec(_conv(), check=False, output_padding=1)
+
+
+@row("conv_bn_act", "output_padding >= stride, transposed, eval", "raises", RuntimeError,
+     r"output_padding.*stride")
+def _():
+    a = _conv()
+    a["w"] = R(3, 4, 3, 3)  # ConvTranspose2d weight [in, out, kH, kW]
+    return _conv_spec(a, check=False, training=False, transposed=True, output_padding=2)
+
+
+@row("conv_bn_act", "eps=True (a bool)", "raises", ValueError, r"eps must be a number > 0.*True")
+def _():
+    return _conv_spec(_conv(), check=False, eps=True)
+
+
+@row("conv_bn_act", "negative_slope a string (relu)", "raises", TypeError, r"negative_slope.*str")
+def _():
+    return _conv_spec(_conv(), check=False, negative_slope="0.1")
+
+
+@row("conv_bn_act", "num_batches_tracked on meta", "raises", RuntimeError, r"num_batches_tracked.*meta")
+def _():
+    a = _conv()
+    a["nbt"] = a["nbt"].to("meta")
     return _conv_spec(a, check=False)
+
+
+def _fold_spec(**over):
+    a = _conv()
+    args = dict(conv_weight=a["w"], conv_bias=None, bn_weight=a["bw"], bn_bias=a["bb"], running_mean=a["rm"],
+                running_var=a["rv"], eps=1e-5)
+    args.update(over)
+    return dict(call=lambda: fastbig.ops.fold_bn(**args),
+                inputs=[t for t in args.values() if isinstance(t, torch.Tensor)])
+
+
+@row("fold_bn", "eps=0 (was a silent inf)", "raises", ValueError, r"eps")
+def _():
+    return _fold_spec(eps=0.0)
+
+
+@row("fold_bn", "running_var None", "raises", TypeError, r"running_var")
+def _():
+    return _fold_spec(running_var=None)
+
+
+@row("fold_bn", "bn_weight of the wrong length", "raises", ValueError, r"bn_weight.*\(4,\)")
+def _():
+    return _fold_spec(bn_weight=R(5))
+
+
+@row("fold_bn", "integer conv_weight (was silently truncated)", "raises", TypeError, r"conv_weight.*floating")
+def _():
+    return _fold_spec(conv_weight=R(4, 3, 3, 3).mul(10).long())
 
 
 @row("conv_bn_act", "empty batch (N=0), eval", "works")
@@ -909,6 +986,24 @@ def _():
         assert out.dtype == r.dtype == torch.bfloat16, (out.dtype, r.dtype)
         return f"rel err vs torch.nn under autocast {assert_close(out, r.double(), torch.bfloat16):.1e}"
     return dict(call=call, inputs=[x], check=check)
+
+
+@row("MultiheadAttention", "integer attn_mask (need_weights=False; was taken as additive)", "raises", TypeError,
+     r"attn_mask.*int64")
+def _():
+    f, t = _mha()
+    x = R(2, 5, 16)
+    return _twin_spec(f, t, (x, x, x), dict(_NW, attn_mask=(torch.rand(5, 5) > 0.5).long()), pick=lambda o: o[0],
+                      check=False)
+
+
+@row("MultiheadAttention", "uint8 key_padding_mask (need_weights=False)", "raises", TypeError,
+     r"key_padding_mask.*uint8")
+def _():
+    f, t = _mha()
+    x = R(2, 5, 16)
+    return _twin_spec(f, t, (x, x, x), dict(_NW, key_padding_mask=torch.zeros(2, 5, dtype=torch.uint8)),
+                      pick=lambda o: o[0], check=False)
 
 
 @row("MultiheadAttention", "wrong rank (4-D query)", "raises", ValueError, r"query.*3-D.*4-D")
@@ -1080,6 +1175,14 @@ def _():
     return _twin_spec(f, t, (R(4, 0, 6),), pick=lambda o: o[0])
 
 
+@row("LSTM", "empty sequence (T=0): torch's RuntimeError", "raises", RuntimeError, r"sequence length")
+def _():
+    f, t = _lstm_mod()
+    with pytest.raises(RuntimeError, match="sequence length"):
+        t(R(0, 2, 6))
+    return _twin_spec(f, t, (R(0, 2, 6),), pick=lambda o: o[0], check=False)
+
+
 @row("LSTM", "NaN in the input", "works")
 def _():
     f, t = _lstm_mod()
@@ -1121,6 +1224,14 @@ def _():
 def _():
     f, t = _cell_mod()
     return _twin_spec(f, t, (R(3, 6, device="meta"),), pick=lambda o: o[0], check=False)
+
+
+@row("LSTMCell", "2-D hx for a 1-D input: torch's RuntimeError", "raises", RuntimeError, r"hx\[0\].*1D.*2D")
+def _():
+    f, t = _cell_mod()
+    with pytest.raises(RuntimeError):
+        t(R(6), (R(1, 5), R(1, 5)))
+    return _twin_spec(f, t, (R(6), (R(1, 5), R(1, 5))), pick=lambda o: o[0], check=False)
 
 
 @row("LSTMCell", "non-contiguous input and hx", "works")
@@ -1208,6 +1319,27 @@ def _():
     f, t = _cbr()
     f.eval(), t.eval()
     return _twin_spec(f, t, (R(0, 3, 6, 6),))
+
+
+@row("ConvBnReLU2d", "empty batch (train), as torch.nn", "works")
+def _():
+    f, t = _cbr()
+    return _twin_spec(f, t, (R(0, 3, 6, 6),))
+
+
+@row("ConvTransposeBnReLU2d", "output_padding >= stride (eval, no_grad: oneDNN's path), named", "raises",
+     RuntimeError, r"output_padding")
+def _():
+    torch.manual_seed(5)
+    f = fastbig.nn.ConvTransposeBnReLU2d(3, 4, 3, stride=1, output_padding=1).eval()
+    x = R(2, 3, 5, 5)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="output padding must be smaller"):
+        nn.ConvTranspose2d(3, 4, 3, stride=1, output_padding=1)(x)  # torch's own type
+
+    def call():
+        with torch.no_grad():  # (was oneDNN's "could not create a primitive descriptor")
+            return f(x)
+    return dict(call=call, inputs=[x])
 
 
 @row("ConvBnReLU2d", "NaN in the input (train)", "works")

@@ -94,6 +94,20 @@ def test_bad_train_options(argv, needle, capsys):
     assert needle in err
 
 
+def test_unwritable_out_fails_before_training(tmp_path, capsys):
+    """--out that cannot be a folder: a one-line usage error before any training (it was a
+    traceback from the checkpoint save, after the whole run)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    err = _one_line_error(capsys, train.main(["mlp", "--limit", "8", "--out", str(a_file)]), "fastbig train: error:")
+    assert "--out" in err and "not a folder" in err
+    under_file = a_file / "sub"
+    err = _one_line_error(capsys, train.main(["mlp", "--limit", "8", "--out", str(under_file)]),
+                          "fastbig train: error:")
+    assert "--out" in err and "cannot create" in err
+    assert a_file.read_text() == "x"
+
+
 def test_bad_checkpoints(tmp_path, capsys):
     _one_line_error(capsys, train.evaluate_main([str(tmp_path / "missing.pt")]), "fastbig evaluate: error:")
     bad = tmp_path / "corrupt.pt"

@@ -343,12 +343,23 @@ def parse_args(argv):
     p.add_argument("--impl", action="append", default=None,
                    help="only implementations whose name contains this (repeatable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 samples: the test suite's run")
     args = p.parse_args(argv)
     args.argv = list(argv)
     return p, args
+
+
+def _positive_int(s: str) -> int:
+    """argparse type for --threads: an int >= 1 (0 was silently ignored, -1 a traceback)."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
 
 
 def choose_threads(requested: Optional[int], current: int, load: Optional[float],

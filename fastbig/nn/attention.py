@@ -107,6 +107,12 @@ class MultiheadAttention(nn.MultiheadAttention):
             v = F.linear(v_in, self.v_proj_weight, b_v)
 
         # masks in torch's convention; fastbig wants bool True = attend, or additive
+        for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+            if m is not None and (not isinstance(m, torch.Tensor)
+                                  or (m.dtype != torch.bool and not m.is_floating_point())):
+                # torch refuses these too; taken as additive, an integer 0/1 mask would be silently wrong
+                raise TypeError(f"{op}: {name} must be a bool (True = masked out) or floating (additive) "
+                                f"tensor, got {getattr(m, 'dtype', type(m).__name__)}")
         if attn_mask is not None:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (L, S):

@@ -4,8 +4,10 @@ Each block IS the ``nn.Sequential(conv, bn, act)`` it replaces (index 0 the Conv
 ConvTranspose2d, 1 the BatchNorm2d, 2 the activation; ConvBn2d has no index 2), so its
 state_dict keys ("0.weight", "1.running_mean", ...) are that Sequential's and checkpoints load
 either way. ``forward`` runs ``fastbig.ops.conv_bn_act``:
-- train mode, or ``bn.track_running_stats=False``: batch statistics through the fused kernels;
-  the running statistics are updated in place as BatchNorm2d updates them;
+- the bn in train mode, or without running statistics (``track_running_stats=False``): batch
+  statistics through the fused kernels; the running statistics are updated in place as
+  BatchNorm2d updates them. The bn's own mode decides, as in the Sequential (a frozen
+  ``block.bn.eval()`` in a training model uses its running statistics);
 - eval with running statistics: BatchNorm folded into the conv weight and bias, cached here and
   recomputed when any of conv.weight/bias, bn.weight/bias/running_mean/running_var (their
   ``_version`` or storage) or bn.eps changes; then the conv with the activation fused into it
@@ -20,6 +22,15 @@ import torch
 from torch import nn
 
 from ..ops import conv_bn_relu as _ops
+
+
+def _check_slope(owner, negative_slope):
+    """The fused kernels take LeakyReLU slopes > 0 (torch's LeakyReLU takes any): say so when the
+    block is built, not at its first training step."""
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
+            or not 0 < negative_slope < float("inf"):
+        raise ValueError(f"{owner}: negative_slope must be a finite number > 0 for the fused LeakyReLU, "
+                         f"got {negative_slope!r}")
 
 
 def _activation_of(act):
@@ -71,11 +82,13 @@ class _ConvBnAct(nn.Sequential):
         elif act is None:
             act = nn.ReLU() if cls._act_kind == "relu" else nn.LeakyReLU()
         else:
-            kind, _ = _activation_of(act)
+            kind, slope = _activation_of(act)
             if kind != cls._act_kind:
                 raise TypeError(f"{cls.__name__}.from_modules: act must be "
                                 f"{'nn.ReLU' if cls._act_kind == 'relu' else 'nn.LeakyReLU'}, "
                                 f"got {type(act).__name__}")
+            if kind == "leaky_relu":
+                _check_slope(f"{cls.__name__}.from_modules", act.negative_slope)
         if copy:
             conv, bn, act = _copy.deepcopy(conv), _copy.deepcopy(bn), _copy.deepcopy(act)
         block = cls.__new__(cls)
@@ -132,14 +145,21 @@ class _ConvBnAct(nn.Sequential):
     def forward(self, x):
         conv, bn = self.conv, self.bn
         activation, slope = _activation_of(self.act)
-        batch_stats = self.training or not bn.track_running_stats or bn.running_mean is None
+        # BatchNorm2d's own rule, on the bn's own mode (a frozen bn, bn.eval() inside a training
+        # model, uses its running statistics): batch statistics in training or without running
+        # statistics; the running statistics updated in training when tracked.
+        batch_stats = bn.training or bn.running_mean is None
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != conv.in_channels:
+            # a RuntimeError, as torch's conv raises (train or eval)
+            raise RuntimeError(f"{type(self).__name__}: input must have {conv.in_channels} channels, "
+                               f"got {x.shape[1]} (shape {tuple(x.shape)})")
         if batch_stats and isinstance(bn, torch.nn.SyncBatchNorm):
             # Converted with nn.SyncBatchNorm.convert_sync_batchnorm: the fused kernels compute
             # per-process statistics, so run torch's SyncBatchNorm itself (it synchronizes across
             # the process group on GPU, and raises its own clear error on CPU).
             return self.act(bn(conv(x))) if len(self) > 2 else bn(conv(x))
         if batch_stats:
-            track = self.training and bn.track_running_stats and bn.running_mean is not None
+            track = bn.training and bn.track_running_stats and bn.running_mean is not None
             momentum = bn.momentum
             rm = bn.running_mean if track else None
             rv = bn.running_var if track else None
@@ -157,11 +177,9 @@ class _ConvBnAct(nn.Sequential):
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: input must be 4-D [N, C, H, W], got {x.dim()}-D")
         if self._transposed:
+            _ops._check_output_padding(conv.output_padding, conv.stride, conv.dilation, True)
             return _ops._conv_act(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, True,
                                   conv.output_padding, activation, slope)
-        if x.shape[1] != conv.in_channels:
-            raise ValueError(f"{type(self).__name__}: input must have {conv.in_channels} channels, "
-                             f"got {x.shape[1]} (shape {tuple(x.shape)})")
         if conv.padding_mode == "zeros":
             if not x.is_contiguous() and _ops._onednn_conv_act_ok(x, w, b, conv.padding, False) \
                     and not _ops._conv1x1_act_ok(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
@@ -207,6 +225,7 @@ class ConvBnLeakyReLU2d(_ConvBnAct):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=False, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, negative_slope=0.01):
+        _check_slope(type(self).__name__, negative_slope)
         super().__init__(
             _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                   padding_mode, device, dtype),

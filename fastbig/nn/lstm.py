@@ -62,6 +62,8 @@ class LSTM(torch.nn.RNNBase):
             xin = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
             x = xin.transpose(0, 1) if self.batch_first else xin
             B = x.shape[1]
+            if x.shape[0] == 0:  # torch.nn.LSTM's own check and message (a RuntimeError)
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if hx is None:
             h0 = x.new_zeros(self.num_layers * D, B, P)
             c0 = x.new_zeros(self.num_layers * D, B, H)
@@ -143,8 +145,11 @@ class LSTMCell(torch.nn.LSTMCell):
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
                 raise TypeError("LSTMCell: hx must be a tuple (h_0, c_0)")
             for i, t in enumerate(hx):
-                if t.dim() != input.dim():
-                    raise ValueError(f"LSTMCell: Expected hx[{i}] to be {input.dim()}D, got {t.dim()}D instead")
+                if t.dim() not in (1, 2):  # torch's own check (a ValueError) ...
+                    raise ValueError(f"LSTMCell: Expected hx[{i}] to be 1D or 2D, got {t.dim()}D instead")
+                if t.dim() != input.dim():  # ... and torch's cell raises a RuntimeError for this one
+                    raise RuntimeError(f"LSTMCell: Expected hx[{i}] to be {input.dim()}D (as the input), "
+                                       f"got {t.dim()}D instead")
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         B = x.shape[0]

@@ -328,7 +328,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
     left, right = _window(causal, window)
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
-    scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)  # D=0: empty output
     cpu_ok = (True, "")
     if return_lse and dropout_p > 0:
         cpu_ok = (False, "the SDPA CPU kernel cannot return the log-sum-exp with dropout")
@@ -393,7 +393,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                  f"({int(cu.diff().max())}), got {mx}")
     left, right = _window(causal, window, op)
     D = q.shape[2]
-    scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)  # D=0: empty output
     cpu_ok = (True, "")
     if return_lse and dropout_p > 0:
         cpu_ok = (False, "the SDPA CPU kernel cannot return the log-sum-exp with dropout")

@@ -22,6 +22,7 @@ what follows it:
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -117,12 +118,43 @@ if has_op("conv1x1_act"):
 
 
 # ---- input checks ---------------------------------------------------------------------------
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _check_activation(activation, negative_slope):
     if activation not in ACTIVATIONS:
         raise ValueError(f"{_OP}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    if activation == "leaky_relu":
-        if not isinstance(negative_slope, numbers.Real) or not negative_slope > 0:
-            raise ValueError(f"{_OP}: negative_slope must be a number > 0 for leaky_relu, got {negative_slope!r}")
+    if not _is_number(negative_slope):  # (the kernels take it whatever the activation)
+        raise TypeError(f"{_OP}: negative_slope must be a number, got {type(negative_slope).__name__}")
+    if activation == "leaky_relu" and not (0 < negative_slope < math.inf):
+        raise ValueError(f"{_OP}: negative_slope must be a number > 0 for leaky_relu (finite: the fused "
+                         f"kernels' gradient needs it), got {negative_slope!r}")
+
+
+def _check_eps(eps):
+    if not _is_number(eps) or not 0 < eps < math.inf:
+        raise ValueError(f"{_OP}: eps must be a number > 0, got {eps!r} (expected a finite float)")
+
+
+def _check_output_padding(output_padding, stride, dilation, transposed):
+    """As torch's conv_transpose2d: each output_padding < max(stride, dilation); a conv (not
+    transposed) has none (a nonzero one would be silently ignored)."""
+    if isinstance(output_padding, (str, bool)):
+        raise TypeError(f"{_OP}: output_padding must be an int or a pair of ints, got {output_padding!r}")
+    op = _pair(output_padding)
+    if not transposed:
+        if any(o != 0 for o in op):
+            raise ValueError(f"{_OP}: output_padding applies to transposed convolutions only; got "
+                             f"output_padding={output_padding!r} with transposed=False")
+        return
+    if isinstance(stride, str) or isinstance(dilation, str):
+        return  # torch's conv says what is wrong with those
+    for o, s, d in zip(op, _pair(stride), _pair(dilation)):
+        if not 0 <= o < max(s, d):
+            raise RuntimeError(f"{_OP}: output_padding must be >= 0 and smaller than either stride or "
+                               f"dilation, got output_padding={tuple(op)} with stride={tuple(_pair(stride))}, "
+                               f"dilation={tuple(_pair(dilation))}")
 
 
 def _check_channel_vec(name, t, C, z):
@@ -155,16 +187,18 @@ def _check_bn(z, weight, bias, running_mean, running_var, num_batches_tracked, t
                 or num_batches_tracked.numel() != 1:
             raise TypeError(f"{_OP}: num_batches_tracked must be a one-element int64 tensor, got "
                             f"{getattr(num_batches_tracked, 'dtype', type(num_batches_tracked).__name__)}")
-    if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"{_OP}: eps must be a number > 0, got {eps!r}")
-    if momentum is not None and (not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0):
+        if num_batches_tracked.device != z.device:
+            raise RuntimeError(f"{_OP}: num_batches_tracked is on {num_batches_tracked.device} but the input is "
+                               f"on {z.device}; expected all tensors on one device")
+    _check_eps(eps)
+    if momentum is not None and (not _is_number(momentum) or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"{_OP}: momentum must be a number in [0, 1] or None, got {momentum!r}")
     if training and running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError(f"{_OP}: momentum=None (cumulative average) needs num_batches_tracked, got None")
     _check_activation(activation, negative_slope)
-    if training or running_mean is None:
+    if training or running_mean is None:  # as torch's _verify_batch_size: an empty batch is fine
         n = z.numel() // C if C > 0 else 0
-        if n <= 1:
+        if n == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{list(z.shape)}")
 
@@ -340,6 +374,18 @@ def bn_act(z: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optiona
 def _bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
             activation, negative_slope):
     use_batch = training or running_mean is None
+    if use_batch and z.numel() == 0:
+        # An empty batch, as torch's batch_norm takes it: an empty output (linked to z, weight and
+        # bias so that backward gives them their gradients: empty for z, zeros for the weights),
+        # the running statistics left as they are, num_batches_tracked counted.
+        link = z.sum()
+        for t in (weight, bias):
+            if t is not None:
+                link = link + t.sum()
+        if training and running_mean is not None and num_batches_tracked is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+        return torch.empty_like(z, memory_format=_kernel_format(z)) + link.to(z.dtype)
     if not use_batch:  # eval with running stats: a per-channel affine, plain torch
         y, _ = ref.bn_act(z, weight, bias, running_mean, running_var, training=False, eps=eps, act=activation,
                           negative_slope=negative_slope)
@@ -361,7 +407,7 @@ def _bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, tra
     return y
 
 
-def _check_conv(x, conv_weight, conv_bias, groups, transposed):
+def _check_conv(x, conv_weight, conv_bias, groups, transposed, stride=1, dilation=1, output_padding=0):
     check_tensor(_OP, "x", x, dim=4)
     check_tensor(_OP, "conv_weight", conv_weight, dim=4)
     if conv_bias is not None:
@@ -374,8 +420,9 @@ def _check_conv(x, conv_weight, conv_bias, groups, transposed):
                                f"expected all tensors on one device")
         if t.dtype != x.dtype:
             raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but x has {x.dtype}; expected one dtype")
-    if not isinstance(groups, int) or groups < 1:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{_OP}: groups must be a positive int, got {groups!r}")
+    _check_output_padding(output_padding, stride, dilation, transposed)
     cin = conv_weight.shape[0] if transposed else conv_weight.shape[1] * groups
     if x.shape[1] != cin:
         raise ValueError(f"{_OP}: x must have {cin} channels (conv_weight {tuple(conv_weight.shape)}, "
@@ -397,7 +444,7 @@ def conv_bn_act(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[
 
     Batch statistics when ``training`` or no running stats are given (running stats, if given,
     are then updated in place as BatchNorm2d does); else BatchNorm is folded into the conv."""
-    cout = _check_conv(x, conv_weight, conv_bias, groups, transposed)
+    cout = _check_conv(x, conv_weight, conv_bias, groups, transposed, stride, dilation, output_padding)
     use_batch = training or running_mean is None
     if use_batch:
         if transposed:
@@ -415,8 +462,7 @@ def conv_bn_act(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[
     _check_channel_vec("bn_bias", bn_bias, cout, x)
     _check_channel_vec("running_mean", running_mean, cout, x)
     _check_channel_vec("running_var", running_var, cout, x)
-    if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"{_OP}: eps must be a number > 0, got {eps!r}")
+    _check_eps(eps)
     _check_activation(activation, negative_slope)
     w, b = fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
                    transposed=transposed, groups=groups)
@@ -424,10 +470,39 @@ def conv_bn_act(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[
                      negative_slope)
 
 
+def _check_fold(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, transposed, groups):
+    op = "fold_bn"
+    check_tensor(op, "conv_weight", conv_weight, dim=4)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    if transposed and conv_weight.shape[0] % groups != 0:
+        raise ValueError(f"{op}: a transposed conv_weight [in_channels, out_channels/groups, kH, kW] needs "
+                         f"in_channels divisible by groups={groups}, got {tuple(conv_weight.shape)}")
+    cout = conv_weight.shape[1] * groups if transposed else conv_weight.shape[0]
+    for name, t, required in (("conv_bias", conv_bias, False), ("bn_weight", bn_weight, False),
+                              ("bn_bias", bn_bias, False), ("running_mean", running_mean, True),
+                              ("running_var", running_var, True)):
+        if t is None:
+            if required:
+                raise TypeError(f"{op}: {name} must be a tensor of shape ({cout},) (the fold needs the "
+                                f"running statistics), got None")
+            continue
+        check_tensor(op, name, t)
+        if tuple(t.shape) != (cout,):
+            raise ValueError(f"{op}: {name} must have shape ({cout},) (one per output channel of conv_weight "
+                             f"{tuple(conv_weight.shape)}), got {tuple(t.shape)}")
+        if t.device != conv_weight.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but conv_weight is on {conv_weight.device}; "
+                               f"expected all tensors on one device")
+    if not _is_number(eps) or not 0 < eps < math.inf:
+        raise ValueError(f"{op}: eps must be a number > 0, got {eps!r} (expected a finite float)")
+
+
 def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, *, transposed=False,
             groups=1):
     """Eval BatchNorm folded into the conv: (weight, bias), computed in float32 or wider and
     returned in the conv weight's dtype. Differentiable."""
+    _check_fold(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, transposed, groups)
     acc = torch.promote_types(conv_weight.dtype, torch.float32)
     cast = (lambda t: None if t is None else t.to(acc))
     w, b = ref.fold(cast(conv_weight), cast(conv_bias), cast(bn_weight), cast(bn_bias), cast(running_mean),

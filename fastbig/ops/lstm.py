@@ -307,10 +307,15 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=
     unpacked = batch_sizes is None
     x2 = x.reshape(x.shape[0] * x.shape[1], x.shape[2]) if unpacked else x
     if unpacked and x.shape[1] == 0:
-        # An empty batch: nothing to compute; empty outputs as torch.nn.LSTM gives (linked to x,
-        # h0 and c0 so that backward runs and gives them their empty gradients).
-        y = x.new_zeros(x.shape[0], 0, w_hh.shape[1]) + x.sum()
-        return y, h0 + 0, c0 + 0
+        # An empty batch: nothing to compute; empty outputs as torch.nn.LSTM gives, linked to x,
+        # h0, c0 and the weights so that backward runs and gives each its gradient as torch does:
+        # empty for the inputs, zeros for the weights (not None: optimizers treat those alike).
+        link = x.sum()
+        for t in (w_ih, w_hh, b_ih, b_hh, w_hr):
+            if t is not None:
+                link = link + t.sum()
+        y = x.new_zeros(x.shape[0], 0, w_hh.shape[1]) + link
+        return y, h0 + link, c0 + link
     if _layer_backend(x.device) == "reference":
         y, h_n, c_n = ref.lstm_layer(x2, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=batch_sizes,
                                      reverse=bool(reverse))
