@@ -172,8 +172,8 @@ class LSTMCell(torch.nn.LSTMCell):
                 raise TypeError(f"LSTMCell: {name} has dtype {t.dtype} but the weights have {w.dtype}")
             if t.device != w.device:
                 raise RuntimeError(f"LSTMCell: {name} is on {t.device} but the weights are on {w.device}")
-        h_new, c_new = lstm_cell_step_unchecked(x, h, c, self.weight_ih, self.weight_hh,
-                                                         self.bias_ih, self.bias_hh)
+        h_new, c_new = lstm_cell_step_unchecked(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih,
+                                                self.bias_hh)
         if not batched:
             return h_new.squeeze(0), c_new.squeeze(0)
         return h_new, c_new
