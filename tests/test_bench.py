@@ -44,6 +44,18 @@ def test_flop_counts():
     assert cases.conv_flops(2, 4, 6, 3, 3, 5, 5, 1, "fwd+bwd") == 3 * 2 * 2 * 6 * 4 * 9 * 25
 
 
+def test_bytes_moved_follow_the_dtype():
+    """BN+act's fused passes move 5 tensors of N*C*H*W elements (read z; write y; read dy, z; write
+    dz): bytes at the run's dtype, not elements (the GB/s column was 4x low in float32)."""
+    c = cases.bn_act_case(2, 3, 5)
+    elems = 2 * 3 * 5 * 5
+    assert c.unit == "B"
+    assert c.work_for(torch.float32) == 5 * elems * 4
+    assert c.work_for(torch.float16) == 5 * elems * 2
+    att = cases.attention_case(1, 2, 17, 16, True, "fwd")
+    assert att.work_for(torch.float16) == att.work_for(torch.float32) == att.work  # FLOPs: no dtype
+
+
 def test_issue_shapes_in_the_table():
     names = {c.key for c in cases.get_cases("all", "cpu")}
     assert "attention/fwd+bwd B8 H8 S1024 D64 causal" in names

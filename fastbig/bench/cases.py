@@ -104,6 +104,7 @@ class Case:
     impls: List[Impl]
     work: float                    # FLOPs (unit "FLOP") or bytes (unit "B") of one call
     unit: str = "FLOP"
+    work_per_element: bool = False  # work counts elements: bytes = work * the run's dtype itemsize
     eager: str = "eager"           # the implementation "vs eager" divides by
     goals: List[Goal] = field(default_factory=list)
     size: float = 0.0              # x axis of the plot
@@ -114,6 +115,12 @@ class Case:
     @property
     def key(self) -> str:
         return f"{self.op}/{self.name}"
+
+    def work_for(self, dtype: torch.dtype) -> float:
+        """FLOPs, or bytes moved by one call at this dtype."""
+        if self.work_per_element:
+            return self.work * torch.empty(0, dtype=dtype).element_size()
+        return self.work
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -432,7 +439,11 @@ def lstm_case(T, B, I, H, layers, mode, *, goals=None, compile_ok=True, compile_
 
 
 def lstm_cell_loop_case(T, B, I, H, mode, *, goals=None, compile_ok=True,
-                        compile_skip_reason="") -> Case:
+                        compile_skip_reason="", unbind=False) -> Case:
+    """A Python loop of T LSTMCell steps. The step's input is x[t] (a select of one [T, B, I] leaf:
+    its backward zero-fills and accumulates a full-size gradient every step, on both sides), or
+    with ``unbind`` the slices of x.unbind(0), whose backward is one stack: closer to a decoder,
+    whose per-step input is a fresh tensor (an embedding)."""
     bwd = mode == "fwd+bwd"
 
     def make(device, dtype, gen):
@@ -450,8 +461,9 @@ def lstm_cell_loop_case(T, B, I, H, mode, *, goals=None, compile_ok=True,
         h, c = inp["h0"], inp["c0"]
         hs = []
         x = inp["x"]
+        xs = x.unbind(0) if unbind else x
         for t in range(x.shape[0]):
-            h, c = cell(x[t], (h, c))
+            h, c = cell(xs[t], (h, c))
             hs.append(h)
         return [torch.stack(hs), c]
 
@@ -476,7 +488,7 @@ def lstm_cell_loop_case(T, B, I, H, mode, *, goals=None, compile_ok=True,
         Impl("compile(torch.nn)", "baseline", build_cls(lambda: nn.LSTMCell, compiled=True),
              compiled=True),
     ]
-    name = f"LSTMCell loop {'train' if bwd else 'infer'} T{T} B{B} I{I} H{H}"
+    name = f"LSTMCell loop {'train' if bwd else 'infer'} T{T} B{B} I{I} H{H}" + (" (x.unbind)" if unbind else "")
     return Case("lstm", name, mode, dict(T=T, B=B, I=I, H=H, cell_loop=True), make, oracle, impls,
                 lstm_flops(T, B, I, H, 1, mode), "FLOP", eager="torch.nn", goals=goals or [],
                 size=H * 1000 + B, compile_ok=compile_ok, compile_skip_reason=compile_skip_reason)
@@ -641,7 +653,7 @@ def bn_act_case(N, K, HW, *, goals=None, compile_ok=True, compile_skip_reason=""
     ]
     elem = N * K * HW * HW
     return Case("conv_bn_relu", f"BN+ReLU alone fwd+bwd N{N} C{K} {HW}x{HW}", mode,
-                dict(N=N, K=K, HW=HW), make, oracle, impls, 5.0 * elem, "B", eager="eager",
+                dict(N=N, K=K, HW=HW), make, oracle, impls, 5.0 * elem, "B", work_per_element=True, eager="eager",
                 goals=goals or [], size=elem, compile_ok=compile_ok,
                 compile_skip_reason=compile_skip_reason)
 
@@ -788,6 +800,7 @@ def _cpu_cases(op, quick) -> List[Case]:
                       **lstm_compile),
             lstm_cell_loop_case(100, 64, 256, 256, "fwd+bwd",
                                 goals=[Goal("fastbig", "torch.nn", 1.3)], **lstm_compile),
+            lstm_cell_loop_case(100, 64, 256, 256, "fwd+bwd", unbind=True, **lstm_compile),
             lstm_case(100, 1, 256, 256, 2, "infer", goals=[Goal("fastbig", "torch.nn", 1.0)],
                       name="latency B1 T100 I256 H256 L2", **lstm_compile),
         ]
@@ -847,6 +860,7 @@ def _gpu_cases(op, quick) -> List[Case]:
                                          goals=[Goal("fastbig", "torch.nn", 1.0)]))
         out.append(lstm_cell_loop_case(100, 64, 256, 256, "fwd+bwd",
                                        goals=[Goal("fastbig", "torch.nn", 1.3)]))
+        out.append(lstm_cell_loop_case(100, 64, 256, 256, "fwd+bwd", unbind=True))
         return out
     if op == "conv_bn_relu":
         N = 8 if quick else 32

@@ -146,7 +146,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
              progress: Optional[Progress] = None, impl_filter=None) -> dict:
     tol = tolerance(dtype, device)
     rec = {"op": case.op, "case": case.name, "mode": case.mode, "dtype": str(dtype).replace("torch.", ""),
-           "params": case.params, "work": case.work, "unit": case.unit, "eager": case.eager,
+           "params": case.params, "work": case.work_for(dtype), "unit": case.unit, "eager": case.eager,
            "size": case.size, "tol": tol, "note": case.note, "impls": [],
            "goals": [{"impl": g.impl, "vs": g.vs, "ratio": g.ratio, "max_bytes": g.max_bytes}
                      for g in case.goals]}
@@ -458,7 +458,7 @@ def _run(args, device, ops, dtypes) -> int:
             except Exception as e:       # a case that cannot even make its inputs
                 recs.append({"op": c.op, "case": c.name, "mode": c.mode,
                              "dtype": str(dt).replace("torch.", ""), "params": c.params,
-                             "work": c.work, "unit": c.unit, "eager": c.eager, "size": c.size,
+                             "work": c.work_for(dt), "unit": c.unit, "eager": c.eager, "size": c.size,
                              "goals": [], "impls": [], "note": f"case failed: {_first_line(e)}",
                              "traceback": traceback.format_exc(limit=8)})
     finally:

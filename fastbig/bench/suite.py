@@ -65,6 +65,6 @@ def run(benchmark, case, impl, device: str = "cpu", dtype=torch.float32):
     assert chk["status"] == "ok", (f"{case.key} {impl.name}: WRONG: err={chk['err']} > tol "
                                    f"{chk['tol']:.0e} {chk.get('reason', '')}")
     benchmark.group = case.key
-    benchmark.extra_info.update(err=chk["err"], work=case.work, unit=case.unit, impl=impl.name,
+    benchmark.extra_info.update(err=chk["err"], work=case.work_for(dtype), unit=case.unit, impl=impl.name,
                                 kind=impl.kind, threads=torch.get_num_threads())
     benchmark(fn)
