@@ -144,6 +144,13 @@ def _condition(p: dict, size_keys, expanded=False, min_numel=64):
 
 
 # ---- lstm_cell -------------------------------------------------------------------------------
+def _cell_output_grads(gen, B, H, dtype, which):
+    """(dh, dc) for a cell's (h, c): both, or only one ("h" / "c"; the other None)."""
+    dh = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
+    dc = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
+    return (dh, None) if which == "h" else (None, dc) if which == "c" else (dh, dc)
+
+
 def _lstm_cell_available():
     return True, ""
 
@@ -169,12 +176,7 @@ def _lstm_cell_run(p: dict, seed: int) -> List[Check]:
     B, H = p["B"], p["H"]
     g0, gview = _tensor(gen, (B, 4 * H), dtype, p["scale"], p["layout_g"])
     c0, cview = _tensor(gen, (B, H), dtype, 1.0, p["layout_c"])
-    dh = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
-    dc = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
-    if p["grads"] == "h":
-        dc = None
-    elif p["grads"] == "c":
-        dh = None
+    dh, dc = _cell_output_grads(gen, B, H, dtype, p["grads"])
     g, c = _leaf(g0), _leaf(c0)
     gi, ci = gview(g), cview(c)
     before = [gi.detach().clone(), ci.detach().clone()]
@@ -233,12 +235,7 @@ def _lstm_cell_step_run(p: dict, seed: int) -> List[Check]:
           for shape, fan in (((4 * H, I), I), ((4 * H, H), H))]
     bs = [torch.randn(4 * H, generator=gen, dtype=torch.float64) * 0.3 if on else None
           for on in (p["bias"] in ("both", "ih"), p["bias"] in ("both", "hh"))]
-    dh = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
-    dc = torch.randn(B, H, generator=gen, dtype=torch.float64).to(dtype)
-    if p["grads"] == "h":
-        dc = None
-    elif p["grads"] == "c":
-        dh = None
+    dh, dc = _cell_output_grads(gen, B, H, dtype, p["grads"])
     names = ["input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh"]
     views = [xview, hview, cview] + [lambda t: t] * 4
 
