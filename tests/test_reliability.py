@@ -1484,3 +1484,20 @@ if __name__ == "__main__":  # print the table
             outcome, detail, status = "FAIL", f"{type(e).__name__}: {str(e)[:200]}", "FAIL"
         print(f"{status} {_id(r):<{width}}  expect {r.expect:<7} -> {outcome}: {detail}")
     sys.exit(0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (fastbig.nn.LSTMCell(5, 6), nn.LSTMCell(5, 6), (torch.randn(3, 5, dtype=torch.float64),)),
+    lambda: (fastbig.nn.ConvBnReLU2d(3, 4, 3), nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+             (torch.randn(2, 3, 8, 8, dtype=torch.float64),)),
+    lambda: (fastbig.nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2),
+             (torch.randn(2, 3, 8, dtype=torch.float64),) * 3),
+], ids=["LSTMCell", "ConvBnReLU2d", "MultiheadAttention"])
+def test_dtype_mismatch_raises_what_torch_raises_too(make):
+    """A drop-in's dtype error is catchable as torch.nn's (RuntimeError) and as fastbig's TypeError."""
+    fb, tm, args = make()
+    with pytest.raises(Exception) as torch_err:
+        tm(*args)
+    with pytest.raises(TypeError, match="dtype") as fb_err:
+        fb(*args)
+    assert isinstance(fb_err.value, type(torch_err.value)), (type(fb_err.value), type(torch_err.value))

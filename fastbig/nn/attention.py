@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._checks import DtypeError
 from ..ops.attention import attention as _attention
 
 __all__ = ["MultiheadAttention", "SelfAttention"]
@@ -31,7 +32,7 @@ def _check_like_params(op: str, param: Tensor, **inputs) -> None:
             raise RuntimeError(f"{op}: {name} is on {t.device} but the module's parameters are on "
                                f"{param.device}; expected {name} on {param.device}")
         if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
-            raise TypeError(f"{op}: {name} must have the module's parameter dtype {param.dtype}, got "
+            raise DtypeError(f"{op}: {name} must have the module's parameter dtype {param.dtype}, got "
                             f"{t.dtype} (convert the input, or the module with .to({t.dtype}))")
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
+from ..ops._checks import DtypeError
 from ..ops.lstm import lstm_cell_step_unchecked
 
 __all__ = ["LSTM", "LSTMCell"]
@@ -85,7 +86,7 @@ class LSTM(torch.nn.RNNBase):
         self.check_forward_args(xin, (h0, c0), batch_sizes)
         for name, t in (("h_0", h0), ("c_0", c0)):
             if t.dtype != x.dtype:
-                raise TypeError(f"LSTM: {name} has dtype {t.dtype} but input has {x.dtype}; expected one dtype")
+                raise DtypeError(f"LSTM: {name} has dtype {t.dtype} but input has {x.dtype}; expected one dtype")
             if t.device != x.device:
                 raise RuntimeError(f"LSTM: {name} is on {t.device} but input is on {x.device}; "
                                    f"expected one device")
@@ -169,7 +170,7 @@ class LSTMCell(torch.nn.LSTMCell):
         w = self.weight_ih
         for name, t in (("input", x), ("hx[0]", h), ("hx[1]", c)):
             if t.dtype != w.dtype:
-                raise TypeError(f"LSTMCell: {name} has dtype {t.dtype} but the weights have {w.dtype}")
+                raise DtypeError(f"LSTMCell: {name} has dtype {t.dtype} but the weights have {w.dtype}")
             if t.device != w.device:
                 raise RuntimeError(f"LSTMCell: {name} is on {t.device} but the weights are on {w.device}")
         h_new, c_new = lstm_cell_step_unchecked(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih,

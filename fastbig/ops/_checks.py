@@ -8,13 +8,19 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class DtypeError(TypeError, RuntimeError):
+    """A tensor of the wrong dtype. A TypeError, as fastbig's checks raise, and a RuntimeError, as
+    torch.nn raises for the same mismatch ("mat1 and mat2 must have the same dtype", "Input type
+    (double) and bias type (float) should be the same"): code written for either catches it."""
+
+
 def check_tensor(op: str, name: str, t, *, dtypes: Optional[Iterable[torch.dtype]] = FLOAT_DTYPES,
                  dim: Optional[int | Sequence[int]] = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in tuple(dtypes):
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: {name} must have a floating dtype ({names}), got {t.dtype}")
+        raise DtypeError(f"{op}: {name} must have a floating dtype ({names}), got {t.dtype}")
     if dim is not None:
         dims = (dim,) if isinstance(dim, int) else tuple(dim)
         if t.dim() not in dims:
@@ -31,7 +37,7 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
             raise RuntimeError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
                                f"expected all tensors on one device")
         if t.dtype != ref.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
+            raise DtypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
                             f"expected one dtype")
 
 

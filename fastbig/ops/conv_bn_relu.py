@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import backends
 from .._extension import has_op
 from ..reference import conv_bn_relu as ref
-from ._checks import check_tensor
+from ._checks import DtypeError, check_tensor
 
 _OP = "conv_bn_act"
 ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2}
@@ -180,7 +180,7 @@ def _check_bn(z, weight, bias, running_mean, running_var, num_batches_tracked, t
                          f"running_mean={'None' if running_mean is None else 'a tensor'}, "
                          f"running_var={'None' if running_var is None else 'a tensor'}")
     if running_mean is not None and running_var.dtype != running_mean.dtype:
-        raise TypeError(f"{_OP}: running_var has dtype {running_var.dtype} but running_mean has "
+        raise DtypeError(f"{_OP}: running_var has dtype {running_var.dtype} but running_mean has "
                         f"{running_mean.dtype}; expected one dtype")
     if num_batches_tracked is not None:
         if not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.dtype != torch.long \
@@ -419,7 +419,7 @@ def _check_conv(x, conv_weight, conv_bias, groups, transposed, stride=1, dilatio
             raise RuntimeError(f"{_OP}: {name} is on {t.device} but x is on {x.device}; "
                                f"expected all tensors on one device")
         if t.dtype != x.dtype:
-            raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but x has {x.dtype}; expected one dtype")
+            raise DtypeError(f"{_OP}: {name} has dtype {t.dtype} but x has {x.dtype}; expected one dtype")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{_OP}: groups must be a positive int, got {groups!r}")
     _check_output_padding(output_padding, stride, dilation, transposed)
