@@ -180,22 +180,30 @@ using simd::VecMath;
 // vector math) into each, so no vector ever crosses a call between code of different targets.
 // A row goes 16 lanes at a time (two independent 8-lane halves per op: the cell is one long
 // dependency chain, so two in flight run nearly twice as fast), then 8, then the scalar tail.
+// The four gates (i, f, g, o) of units j.. of one [4H] row, V lanes each.
+template <typename V>
+inline Gates<V> load_gates(const float* p, int64_t j, int64_t H) {
+  return {V::load(p + j), V::load(p + H + j), V::load(p + 2 * H + j), V::load(p + 3 * H + j)};
+}
+template <typename V>
+inline void store_gates(const Gates<V>& a, float* p, int64_t j, int64_t H) {
+  a.i.store(p + j);
+  a.f.store(p + H + j);
+  a.g.store(p + 2 * H + j);
+  a.o.store(p + 3 * H + j);
+}
+
 template <typename V, typename M>
 inline void fwd_vec(float* g, const float* cp, float* c, float* h, const float* bias, int64_t j, int64_t H) {
   Gates<V> a;
   V cv, hv;
-  V ai = V::load(g + j), af = V::load(g + H + j), ag = V::load(g + 2 * H + j), ao = V::load(g + 3 * H + j);
+  Gates<V> in = load_gates<V>(g, j, H);
   if (bias) {
-    ai = ai + V::load(bias + j);
-    af = af + V::load(bias + H + j);
-    ag = ag + V::load(bias + 2 * H + j);
-    ao = ao + V::load(bias + 3 * H + j);
+    const Gates<V> b = load_gates<V>(bias, j, H);
+    in = {in.i + b.i, in.f + b.f, in.g + b.g, in.o + b.o};
   }
-  cell_forward<V, M>(ai, af, ag, ao, V::load(cp + j), a, cv, hv);
-  a.i.store(g + j);
-  a.f.store(g + H + j);
-  a.g.store(g + 2 * H + j);
-  a.o.store(g + 3 * H + j);
+  cell_forward<V, M>(in.i, in.f, in.g, in.o, V::load(cp + j), a, cv, hv);
+  store_gates(a, g, j, H);
   cv.store(c + j);
   hv.store(h + j);
 }
@@ -203,16 +211,13 @@ inline void fwd_vec(float* g, const float* cp, float* c, float* h, const float* 
 template <typename V, typename M>
 inline void bwd_vec(const float* dha, const float* dhb, float* dc, const float* act, const float* cp, const float* c,
                     float* dg, int64_t j, int64_t H) {
-  Gates<V> a{V::load(act + j), V::load(act + H + j), V::load(act + 2 * H + j), V::load(act + 3 * H + j)};
+  const Gates<V> a = load_gates<V>(act, j, H);
   Gates<V> d;
   V dcp;
   V dh = V::load(dha + j);
   if (dhb) dh = dh + V::load(dhb + j);
   cell_backward<V, M>(dh, V::load(dc + j), a, V::load(cp + j), V::load(c + j), d, dcp);
-  d.i.store(dg + j);
-  d.f.store(dg + H + j);
-  d.g.store(dg + 2 * H + j);
-  d.o.store(dg + 3 * H + j);
+  store_gates(d, dg, j, H);
   dcp.store(dc + j);
 }
 
@@ -439,10 +444,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_cell(const _
     Gates<V8> o;
     V8 cv, hv;
     cell_forward<V8, VecMath>(a[0], a[1], a[2], a[3], V8::load(cp + j0), o, cv, hv);
-    o.i.store(g + j0);
-    o.f.store(g + H + j0);
-    o.g.store(g + 2 * H + j0);
-    o.o.store(g + 3 * H + j0);
+    store_gates(o, g, j0, H);
     cv.store(c + j0);
     hv.store(h + j0);
     return;

@@ -172,6 +172,9 @@ def _check_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
     check_same(_STEP, "x", x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
 
 
+_STEP_CPU_OK = has_op(_STEP) and backends.extension_available("cpu")[0]
+
+
 def _step_backend(device) -> str:
     if device.type == "cpu" and _STEP_CPU_OK and backends.current() == "auto":
         return "cpu"  # the per-token path of a decoder: no dict, no resolve
@@ -180,9 +183,6 @@ def _step_backend(device) -> str:
         fast[device.type] = (backends.extension_available(device) if has_op(_STEP)
                              else (False, f"{_STEP} not built"))
     return backends.resolve(_STEP, device, fast=fast)
-
-
-_STEP_CPU_OK = has_op(_STEP) and backends.extension_available("cpu")[0]
 
 
 def lstm_cell_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
