@@ -711,7 +711,7 @@ from triton.compiler import ASTSource
 import fastbig.kernels.attention as K
 PTR = {"Lse": "*fp32", "Delta": "*fp32", "DMask": "*fp32", "Kpm": "*u8", "CuQ": "*i32", "CuK": "*i32"}
 SCALARS_F = ("qk_scale2", "scale", "dropout_p", "drop_scale")
-INTS = ("H", "HKV", "GROUP", "SQ", "SK", "D", "SQ_BUCKET", "SK_BUCKET")
+INTS = ("H", "HKV", "GROUP", "SQ", "SK", "D", "SQ_CLASS", "SK_CLASS")
 def sig(fn, dt, consts):
     out = {}
     for n in fn.arg_names:

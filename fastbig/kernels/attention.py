@@ -71,11 +71,11 @@ def _score_tile(q, k, b, h, offs_m, offs_n, q_len, k_len, qk_scale2,
     if HAS_WR:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + window_right)
     if HAS_KPM:
-        kp = tl.load(Kpm + b * skpb + offs_n * skpn, mask=offs_n < k_len, other=1)
+        kp = tl.load(Kpm + b * skpb + offs_n.to(tl.int64) * skpn, mask=offs_n < k_len, other=1)
         valid = valid & (kp == 0)[None, :]
     if HAS_MASK:
         mptr = (Mask + b * smb + h.to(tl.int64) * smh + offs_m.to(tl.int64)[:, None] * smm
-                + offs_n[None, :] * smn)
+                + offs_n.to(tl.int64)[None, :] * smn)
         inb = (offs_m < q_len)[:, None] & (offs_n < k_len)[None, :]
         if MASK_BOOL:
             mv = tl.load(mptr, mask=inb, other=0)
@@ -95,14 +95,14 @@ def _attn_fwd_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
     H, GROUP, SQ, SK, D, qk_scale2, window_left, window_right, dropout_p, drop_scale, seed,
-    drop_stride, SQ_BUCKET, SK_BUCKET,
+    drop_stride, SQ_CLASS, SK_CLASS,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -145,7 +145,8 @@ def _attn_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask,
+                    other=0.0)
         s = _score_tile(q, k, b64, h, offs_m, offs_n, q_len, k_len, qk_scale2,
                         Mask, smb, smh, smm, smn, Kpm, skpb, skpn, window_left, window_right,
                         HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, DOT_PREC)
@@ -158,7 +159,8 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask,
+                    other=0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
@@ -186,8 +188,8 @@ def _attn_bwd_preprocess_kernel(
     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Delta[b, h, m] = sum_d O[b, h, m, d] * dO[b, h, m, d] in fp32."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
     b = bh // H
     h = bh % H
     if IS_VARLEN:
@@ -203,11 +205,12 @@ def _attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows = (q_start + offs_m).to(tl.int64)
     msk = (offs_m < q_len)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(Out + b64 * sob + h * soh + rows[:, None] * som + offs_d[None, :] * sod,
+    h64 = h.to(tl.int64)
+    o = tl.load(Out + b64 * sob + h64 * soh + rows[:, None] * som + offs_d[None, :] * sod,
                 mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * sdb + h * sdh + rows[:, None] * sdm + offs_d[None, :] * sdd,
+    do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None] * sdm + offs_d[None, :] * sdd,
                  mask=msk, other=0.0).to(tl.float32)
-    tl.store(Delta + b64 * slb + h * slh + rows * slm, tl.sum(o * do, 1), mask=offs_m < q_len)
+    tl.store(Delta + b64 * slb + h64 * slh + rows * slm, tl.sum(o * do, 1), mask=offs_m < q_len)
 
 
 @triton.jit
@@ -217,14 +220,14 @@ def _attn_bwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
     H, HKV, GROUP, SQ, SK, D, qk_scale2, scale, window_left, window_right, dropout_p, drop_scale,
-    seed, drop_stride, SQ_BUCKET, SK_BUCKET,
+    seed, drop_stride, SQ_CLASS, SK_CLASS,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
     b = bhk // HKV
     hk = bhk % HKV
     if IS_VARLEN:
@@ -246,9 +249,10 @@ def _attn_bwd_dkdv_kernel(
     d_ok = offs_d < D
     kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
     krows = (k_start + offs_n).to(tl.int64)
-    k = tl.load(K + b64 * skb + hk * skh + krows[:, None] * skn + offs_d[None, :] * skd,
+    hk64 = hk.to(tl.int64)
+    k = tl.load(K + b64 * skb + hk64 * skh + krows[:, None] * skn + offs_d[None, :] * skd,
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * svb + hk * svh + krows[:, None] * svn + offs_d[None, :] * svd,
+    v = tl.load(V + b64 * svb + hk64 * svh + krows[:, None] * svn + offs_d[None, :] * svd,
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -270,13 +274,15 @@ def _attn_bwd_dkdv_kernel(
         d_base = Delta + b64 * slb + h.to(tl.int64) * slh + q_start.to(tl.int64) * slm
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
+            offs_m64 = offs_m.to(tl.int64)
             m_ok = offs_m < q_len
             qmask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qmask, other=0.0)
-            lse = tl.load(l_base + offs_m * slm, mask=m_ok, other=float("inf"))
+            q = tl.load(q_base + offs_m64[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+            do = tl.load(do_base + offs_m64[:, None] * sdm + offs_d[None, :] * sdd, mask=qmask,
+                         other=0.0)
+            lse = tl.load(l_base + offs_m64 * slm, mask=m_ok, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(d_base + offs_m * slm, mask=m_ok, other=0.0)
+            delta = tl.load(d_base + offs_m64 * slm, mask=m_ok, other=0.0)
             s = _score_tile(q, k, b64, h, offs_m, offs_n, q_len, k_len, qk_scale2,
                             Mask, smb, smh, smm, smn, Kpm, skpb, skpn, window_left, window_right,
                             HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, DOT_PREC)
@@ -292,9 +298,9 @@ def _attn_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dk = dk * scale
-    tl.store(DK + b64 * sdkb + hk * sdkh + krows[:, None] * sdkn + offs_d[None, :] * sdkd,
+    tl.store(DK + b64 * sdkb + hk64 * sdkh + krows[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * sdvb + hk * sdvh + krows[:, None] * sdvn + offs_d[None, :] * sdvd,
+    tl.store(DV + b64 * sdvb + hk64 * sdvh + krows[:, None] * sdvn + offs_d[None, :] * sdvd,
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -305,14 +311,14 @@ def _attn_bwd_dq_kernel(
     sdqb, sdqh, sdqm, sdqd, sgb, sgh, sgm, sgn,
     slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
     H, GROUP, SQ, SK, D, qk_scale2, scale, window_left, window_right, dropout_p, drop_scale,
-    seed, drop_stride, SQ_BUCKET, SK_BUCKET,
+    seed, drop_stride, SQ_CLASS, SK_CLASS,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, STORE_DMASK: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -336,13 +342,14 @@ def _attn_bwd_dq_kernel(
     m_ok = offs_m < q_len
     qmask = m_ok[:, None] & d_ok[None, :]
     rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + b64 * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+    h64 = h.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=qmask, other=0.0)
-    do = tl.load(DO + b64 * sdb + h * sdh + rows[:, None] * sdm + offs_d[None, :] * sdd,
+    do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None] * sdm + offs_d[None, :] * sdd,
                  mask=qmask, other=0.0)
-    lse = tl.load(Lse + b64 * slb + h * slh + rows * slm, mask=m_ok, other=float("inf"))
+    lse = tl.load(Lse + b64 * slb + h64 * slh + rows * slm, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(Delta + b64 * slb + h * slh + rows * slm, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + b64 * slb + h64 * slh + rows * slm, mask=m_ok, other=0.0)
     k_base = K + b64 * skb + hk.to(tl.int64) * skh + k_start.to(tl.int64) * skn
     v_base = V + b64 * svb + hk.to(tl.int64) * svh + k_start.to(tl.int64) * svn
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -357,8 +364,10 @@ def _attn_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask,
+                    other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask,
+                    other=0.0)
         s = _score_tile(q, k, b64, h, offs_m, offs_n, q_len, k_len, qk_scale2,
                         Mask, smb, smh, smm, smn, Kpm, skpb, skpn, window_left, window_right,
                         HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, DOT_PREC)
@@ -370,23 +379,111 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if STORE_DMASK:  # d(loss)/d(additive mask) = dS, written once per (b, h, m, n)
             gptr = (DMask + b64 * sgb + h.to(tl.int64) * sgh + offs_m.to(tl.int64)[:, None] * sgm
-                    + offs_n[None, :] * sgn)
+                    + offs_n.to(tl.int64)[None, :] * sgn)
             tl.store(gptr, ds, mask=m_ok[:, None] & (offs_n < k_len)[None, :])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dq = dq * scale
-    tl.store(DQ + b64 * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :] * sdqd,
+    tl.store(DQ + b64 * sdqb + h64 * sdqh + rows[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _attn_bwd_dmask_kernel(
+    Q, K, V, DO, Lse, Delta, DMask, Mask, Kpm,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sgb, sgh, sgm, sgn, slb, slh, slm, smb, smh, smm, smn, skpb, skpn,
+    H, GROUP, SQ, SK, D, qk_scale2, window_left, window_right, dropout_p, drop_scale,
+    seed, drop_stride, SQ_CLASS, SK_CLASS, MH, B_LOOP, H_LOOP,
+    MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, RED_M: tl.constexpr, RED_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d(loss)/d(additive mask) summed to the mask's own broadcast shape [MB, MH, MQ, MK], with no
+    full [B, H, Sq, Sk] buffer and no atomics: one program per element tile of the mask gradient
+    (axis 0: the mask's (b, h) pairs, axis 1: its row blocks, axis 2: its column blocks) loops over
+    the batches/heads/rows/columns that broadcast onto it (B_LOOP/H_LOOP > 1, RED_M/RED_N),
+    recomputing dS = P * (dP - Delta) tile by tile, and sums in a fixed order (deterministic)."""
+    pid = tl.program_id(0)
+    bm = pid // MH
+    hm = pid % MH
+    m_lo = tl.program_id(1) * BLOCK_M
+    n_lo = tl.program_id(2) * BLOCK_N
+    if RED_M:
+        m_hi = SQ
+    else:
+        m_hi = tl.minimum(m_lo + BLOCK_M, SQ)
+    if RED_N:
+        n_hi = SK
+    else:
+        n_hi = tl.minimum(n_lo + BLOCK_N, SK)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for bi in range(0, B_LOOP):
+        b64 = (bm + bi).to(tl.int64)
+        for hi_ in range(0, H_LOOP):
+            h = hm + hi_
+            h64 = h.to(tl.int64)
+            hk64 = (h // GROUP).to(tl.int64)
+            bh = (bm + bi) * H + h
+            for start_m in range(m_lo, m_hi, BLOCK_M):
+                offs_m = start_m + offs_m0
+                offs_m64 = offs_m.to(tl.int64)
+                m_ok = offs_m < SQ
+                qmask = m_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m64[:, None] * sqm + offs_d[None, :] * sqd,
+                            mask=qmask, other=0.0)
+                do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m64[:, None] * sdm
+                             + offs_d[None, :] * sdd, mask=qmask, other=0.0)
+                lse = tl.load(Lse + b64 * slb + h64 * slh + offs_m64 * slm, mask=m_ok,
+                              other=float("inf"))
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+                delta = tl.load(Delta + b64 * slb + h64 * slh + offs_m64 * slm, mask=m_ok, other=0.0)
+                for start_n in range(n_lo, n_hi, BLOCK_N):
+                    offs_n = start_n + offs_n0
+                    offs_n64 = offs_n.to(tl.int64)
+                    kv_mask = (offs_n < SK)[:, None] & d_ok[None, :]
+                    k = tl.load(K + b64 * skb + hk64 * skh + offs_n64[:, None] * skn
+                                + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+                    v = tl.load(V + b64 * svb + hk64 * svh + offs_n64[:, None] * svn
+                                + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+                    s = _score_tile(q, k, b64, h, offs_m, offs_n, SQ, SK, qk_scale2,
+                                    Mask, smb, smh, smm, smn, Kpm, skpb, skpn, window_left,
+                                    window_right, True, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, DOT_PREC)
+                    p = tl.exp2(s - lse2[:, None])
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                    if HAS_DROPOUT:
+                        keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
+                        dp = tl.where(keep, dp * drop_scale, 0.0)
+                    acc += p * (dp - delta[:, None])
+    gbase = DMask + bm.to(tl.int64) * sgb + hm.to(tl.int64) * sgh
+    rows = (m_lo + offs_m0).to(tl.int64)
+    cols = (n_lo + offs_n0).to(tl.int64)
+    if RED_M:
+        accm = tl.sum(acc, 0)
+        if RED_N:
+            tl.store(gbase, tl.sum(accm, 0))
+        else:
+            tl.store(gbase + cols * sgn, accm, mask=cols < SK)
+    else:
+        if RED_N:
+            tl.store(gbase + rows * sgm, tl.sum(acc, 1), mask=rows < SQ)
+        else:
+            tl.store(gbase + rows[:, None] * sgm + cols[None, :] * sgn, acc,
+                     mask=(rows < SQ)[:, None] & (cols < SK)[None, :])
 
 
 @triton.jit
 def _dropout_mask_kernel(Keep, H, SQ, SK, seed, drop_stride, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask the attention kernels use for (seed, p) into Keep [B*H, SQ, SK]."""
-    bh = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
-    ptr = Keep + bh.to(tl.int64) * SQ * SK + offs_m[:, None] * SK + offs_n[None, :]
+    ptr = Keep + bh.to(tl.int64) * SQ * SK + offs_m.to(tl.int64)[:, None] * SK + offs_n[None, :]
     tl.store(ptr, keep.to(tl.int8), mask=(offs_m < SQ)[:, None] & (offs_n < SK)[None, :])
 
 
@@ -422,20 +519,48 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-_KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "GROUP", "HAS_MASK", "HAS_KPM", "IS_VARLEN",
+def _len_class(n: int) -> int:
+    """The autotune key's view of a sequence length: tiny (<= 16: decoding rows), short (<= 512),
+    long. A decode loop whose cache grows from 1 to 100k keys re-tunes at most three times (a
+    power-of-two bucket re-tuned at every doubling). The values are multiples of 16 and never 1,
+    so that Triton's integer specialization gives them all one compiled kernel."""
+    n = int(n)
+    return 16 if n <= 16 else (512 if n <= 512 else 4096)
+
+
+# Everything else that changes the best tile is in the key too: head dim, GQA group, the feature
+# flags (the autotuner adds the tensors' dtypes itself).
+_KEY = ["BLOCK_D", "SQ_CLASS", "SK_CLASS", "GROUP", "HAS_MASK", "HAS_KPM", "IS_VARLEN",
         "HAS_WL", "HAS_WR", "HAS_DROPOUT"]
+
+
+def _autotune_kwargs() -> dict:
+    """cache_results=True keeps the tuning results on disk (in Triton's cache dir) across
+    processes; both Triton 3.6 and 3.8 take it, older ones do not (checked by signature)."""
+    import inspect
+    kw = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kw["cache_results"] = True
+    return kw
+
+
+def _autotune(configs, key, kernel):
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune},
+                           **_autotune_kwargs())(kernel)
+
 
 if INTERPRET:
     _fwd_launch = _attn_fwd_kernel
     _dkdv_launch = _attn_bwd_dkdv_kernel
     _dq_launch = _attn_bwd_dq_kernel
+    _dmask_launch = _attn_bwd_dmask_kernel
 else:  # pragma: no cover - needs a GPU
-    _fwd_launch = triton.autotune(_fwd_configs(), key=_KEY,
-                                  prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
-    _dkdv_launch = triton.autotune(_bwd_configs(), key=_KEY,
-                                   prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
-    _dq_launch = triton.autotune(_bwd_configs(), key=_KEY + ["STORE_DMASK"],
-                                 prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq_kernel)
+    _fwd_launch = _autotune(_fwd_configs(), _KEY, _attn_fwd_kernel)
+    _dkdv_launch = _autotune(_bwd_configs(), _KEY, _attn_bwd_dkdv_kernel)
+    _dq_launch = _autotune(_bwd_configs(), _KEY + ["STORE_DMASK"], _attn_bwd_dq_kernel)
+    _dmask_launch = _autotune(_bwd_configs(), ["BLOCK_D", "SQ_CLASS", "SK_CLASS", "GROUP", "HAS_KPM",
+                                               "HAS_WL", "HAS_WR", "HAS_DROPOUT", "RED_M", "RED_N"],
+                              _attn_bwd_dmask_kernel)
 
 
 def _blocks(fixed: bool):
@@ -463,8 +588,20 @@ def interpreter_blocks(block_m: int, block_n: int):
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 16))
+def _grid(bh: int, n: int, block: str):
+    """Grid of a (batch*heads, row or column blocks) kernel: batch*heads on axis 0, which CUDA
+    allows up to 2**31 - 1, the blocks on axis 1 (capped at 65535, i.e. 2M rows at 32-row tiles).
+    B*H on axis 1, as it was, failed to launch past 65535 (e.g. B=4096, H=16 at decode)."""
+    return lambda META: (bh, triton.cdiv(n, META[block]))
+
+
+def _on_device(t):
+    """Launch on t's device, not the current one (as the C++ ops' device guard does): Triton
+    launches on the current CUDA device, so a tensor on cuda:1 with cuda:0 current would run on
+    the wrong device (illegal address). A no-op on CPU (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _dot_prec(dtype) -> str:
@@ -542,32 +679,53 @@ def attention_forward(q, k, v, *, attn_mask=None, key_padding_mask=None, cu_seql
     cuq = cu_seqlens_q if varlen else q
     cuk = cu_seqlens_k if varlen else q
     has_drop = dropout_p > 0.0
-    grid = lambda META: (triton.cdiv(Sq, META["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_launch[grid](
-        q, k, v, out, lse, mask, kpm, cuq, cuk,
-        *_Layout(q, varlen).strides, *_Layout(k, varlen).strides, *_Layout(v, varlen).strides,
-        *_Layout(out, varlen).strides, *_lse_strides(lse, varlen), *mstr, *kstr,
-        H, H // Hkv, Sq, Sk, D, scale * LOG2E, wl, wr, float(dropout_p),
-        1.0 / (1.0 - dropout_p) if has_drop else 1.0, int(seed), Sk, _bucket(Sq), _bucket(Sk),
-        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_KPM=has_kpm, IS_VARLEN=varlen,
-        HAS_WL=has_wl, HAS_WR=has_wr, HAS_DROPOUT=has_drop, DOT_PREC=_dot_prec(q.dtype),
-        BLOCK_D=max(16, triton.next_power_of_2(D)), **_blocks(INTERPRET),
-    )
+    with _on_device(q):
+        _fwd_launch[_grid(B * H, Sq, "BLOCK_M")](
+            q, k, v, out, lse, mask, kpm, cuq, cuk,
+            *_Layout(q, varlen).strides, *_Layout(k, varlen).strides, *_Layout(v, varlen).strides,
+            *_Layout(out, varlen).strides, *_lse_strides(lse, varlen), *mstr, *kstr,
+            H, H // Hkv, Sq, Sk, D, scale * LOG2E, wl, wr, float(dropout_p),
+            1.0 / (1.0 - dropout_p) if has_drop else 1.0, int(seed), Sk, _len_class(Sq),
+            _len_class(Sk),
+            HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_KPM=has_kpm, IS_VARLEN=varlen,
+            HAS_WL=has_wl, HAS_WR=has_wr, HAS_DROPOUT=has_drop, DOT_PREC=_dot_prec(q.dtype),
+            BLOCK_D=max(16, triton.next_power_of_2(D)), **_blocks(INTERPRET),
+        )
     return out, lse
+
+
+def _mask_grad_shape(attn_mask, B, H, Sq, Sk):
+    """The mask's own shape as 4-D [MB, MH, MQ, MK] and which of the four dims broadcast (size 1
+    against a full size > 1), i.e. are summed over in its gradient."""
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    red = tuple(m == 1 and f > 1 for m, f in zip(shape, (B, H, Sq, Sk)))
+    return shape, red
 
 
 def attention_backward(grad_out, q, k, v, out, lse, *, attn_mask=None, key_padding_mask=None,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, scale,
                        window_left=-1, window_right=-1, dropout_p=0.0, seed=0, mask_grad=False):
-    """Runs the backward kernels. Returns (dq, dk, dv, dmask-or-None); dmask, when asked for, is
-    dL/d(additive mask) at full [B, H, Sq, Sk] fp32 (the caller sums it to the mask's shape)."""
+    """Runs the backward kernels. Returns (dq, dk, dv, dmask-or-None). dmask is asked for with
+    mask_grad (an additive mask that requires grad) and comes in the mask's own shape, fp32:
+    a full-shape mask's gradient is written by the dQ kernel as it goes; a broadcast one (e.g.
+    [Sq, Sk], [B, 1, 1, Sk]) by a reduction kernel into that shape, never through a full
+    [B, H, Sq, Sk] buffer. No mask gradient asked for: nothing is allocated."""
     varlen, B, H, Hkv, Sq, Sk, D = _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
-    store_dmask = bool(mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool)
-    dmask = torch.zeros(B, H, Sq, Sk, dtype=torch.float32, device=q.device) if store_dmask else None
+    want_dmask = bool(mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool)
+    dmask, red = None, (False,) * 4
+    if want_dmask:
+        gshape, red = _mask_grad_shape(attn_mask, B, H, Sq, Sk)
+        if any(red):  # the reduction kernel writes every element
+            dmask = _empty_like(q.new_empty(gshape, dtype=torch.float32))
+        else:  # the dQ kernel skips tiles outside the causal/window band: they stay 0
+            dmask = torch.zeros(gshape, dtype=torch.float32, device=q.device)
+    store_dmask = want_dmask and not any(red)
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, dmask
+        if dmask is not None:
+            dmask.zero_()
+        return dq, dk, dv, None if dmask is None else dmask.view(attn_mask.shape)
     delta = _empty_like(lse)
     mask, mstr, has_mask, mask_bool = _mask_args(attn_mask, B, H, Sq, Sk, q)
     kpm, kstr, has_kpm = _kpm_args(key_padding_mask, q)
@@ -581,35 +739,49 @@ def attention_backward(grad_out, q, k, v, out, lse, *, attn_mask=None, key_paddi
     ql, kl, vl = _Layout(q, varlen).strides, _Layout(k, varlen).strides, _Layout(v, varlen).strides
     dol = _Layout(grad_out, varlen).strides
     pre_bm = 64 if BLOCK_D <= 128 else 32
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, pre_bm), B * H)](
-        out, grad_out, delta, cuq, *_Layout(out, varlen).strides, *dol, *lstr, H, Sq, D,
-        IS_VARLEN=varlen, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D)
     common = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_KPM=has_kpm, IS_VARLEN=varlen,
                   HAS_WL=has_wl, HAS_WR=has_wr, HAS_DROPOUT=has_drop,
                   DOT_PREC=_dot_prec(q.dtype), BLOCK_D=BLOCK_D, **_blocks(INTERPRET))
-    grid_kv = lambda META: (triton.cdiv(Sk, META["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _dkdv_launch[grid_kv](
-        q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, cuq, cuk,
-        *ql, *kl, *vl, *dol, *_Layout(dk, varlen).strides, *_Layout(dv, varlen).strides,
-        *lstr, *mstr, *kstr,
-        H, Hkv, H // Hkv, Sq, Sk, D, scale * LOG2E, scale, wl, wr, float(dropout_p), drop_scale,
-        int(seed), Sk, _bucket(Sq), _bucket(Sk), **common)
-    gbuf = dmask if store_dmask else q
-    gstr = tuple(dmask.stride()) if store_dmask else (0, 0, 0, 0)
-    grid_q = lambda META: (triton.cdiv(Sq, META["BLOCK_M"]), B * H)  # noqa: E731
-    _dq_launch[grid_q](
-        q, k, v, grad_out, lse, delta, dq, gbuf, mask, kpm, cuq, cuk,
-        *ql, *kl, *vl, *dol, *_Layout(dq, varlen).strides, *gstr, *lstr, *mstr, *kstr,
-        H, H // Hkv, Sq, Sk, D, scale * LOG2E, scale, wl, wr, float(dropout_p), drop_scale,
-        int(seed), Sk, _bucket(Sq), _bucket(Sk), STORE_DMASK=store_dmask, **common)
-    return dq, dk, dv, dmask
+    with _on_device(q):
+        _attn_bwd_preprocess_kernel[_grid(B * H, Sq, "BLOCK_M")({"BLOCK_M": pre_bm})](
+            out, grad_out, delta, cuq, *_Layout(out, varlen).strides, *dol, *lstr, H, Sq, D,
+            IS_VARLEN=varlen, BLOCK_M=pre_bm, BLOCK_D=BLOCK_D)
+        _dkdv_launch[_grid(B * Hkv, Sk, "BLOCK_N")](
+            q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, cuq, cuk,
+            *ql, *kl, *vl, *dol, *_Layout(dk, varlen).strides, *_Layout(dv, varlen).strides,
+            *lstr, *mstr, *kstr,
+            H, Hkv, H // Hkv, Sq, Sk, D, scale * LOG2E, scale, wl, wr, float(dropout_p), drop_scale,
+            int(seed), Sk, _len_class(Sq), _len_class(Sk), **common)
+        gbuf = dmask if store_dmask else q
+        gstr = tuple(dmask.stride()) if store_dmask else (0, 0, 0, 0)
+        _dq_launch[_grid(B * H, Sq, "BLOCK_M")](
+            q, k, v, grad_out, lse, delta, dq, gbuf, mask, kpm, cuq, cuk,
+            *ql, *kl, *vl, *dol, *_Layout(dq, varlen).strides, *gstr, *lstr, *mstr, *kstr,
+            H, H // Hkv, Sq, Sk, D, scale * LOG2E, scale, wl, wr, float(dropout_p), drop_scale,
+            int(seed), Sk, _len_class(Sq), _len_class(Sk), STORE_DMASK=store_dmask, **common)
+        if want_dmask and any(red):
+            MB, MH = gshape[0], gshape[1]
+            red_b, red_h, red_m, red_n = red
+            grid = lambda META: (MB * MH, 1 if red_m else triton.cdiv(Sq, META["BLOCK_M"]),  # noqa: E731
+                                 1 if red_n else triton.cdiv(Sk, META["BLOCK_N"]))
+            _dmask_launch[grid](
+                q, k, v, grad_out, lse, delta, dmask, mask, kpm,
+                *ql, *kl, *vl, *dol, *dmask.stride(), *lstr, *mstr, *kstr,
+                H, H // Hkv, Sq, Sk, D, scale * LOG2E, wl, wr, float(dropout_p), drop_scale,
+                int(seed), Sk, _len_class(Sq), _len_class(Sk), MH, B if red_b else 1,
+                H if red_h else 1,
+                MASK_BOOL=False, HAS_KPM=has_kpm, HAS_WL=has_wl, HAS_WR=has_wr,
+                HAS_DROPOUT=has_drop, RED_M=red_m, RED_N=red_n, DOT_PREC=_dot_prec(q.dtype),
+                BLOCK_D=BLOCK_D, **_blocks(INTERPRET))
+    return dq, dk, dv, None if dmask is None else dmask.view(attn_mask.shape)
 
 
 def dropout_mask(B, H, Sq, Sk, dropout_p, seed, device, drop_stride=None):
-    """The keep-mask (bool [B, H, Sq, Sk]) the kernels apply for this (seed, p): for tests and
+    """The keep-mask (bool [B, H, Sq, Sk]) the kernels apply for (seed, p): for tests and
     for recomputing a dropout run with the reference."""
     keep = torch.empty(B * H, Sq, Sk, dtype=torch.int8, device=device)
-    grid = (triton.cdiv(Sq, 32), triton.cdiv(Sk, 32), B * H)
-    _dropout_mask_kernel[grid](keep, H, Sq, Sk, int(seed), Sk if drop_stride is None else drop_stride,
-                               float(dropout_p), BLOCK_M=32, BLOCK_N=32)
+    grid = (B * H, triton.cdiv(Sq, 32), triton.cdiv(Sk, 32))
+    with _on_device(keep):
+        _dropout_mask_kernel[grid](keep, H, Sq, Sk, int(seed), Sk if drop_stride is None else drop_stride,
+                                   float(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return keep.view(B, H, Sq, Sk).bool()
