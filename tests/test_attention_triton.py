@@ -84,7 +84,7 @@ def test_launch_grids_past_65535_batch_heads(grids):
 def test_large_batch_heads_run(interpret_triton):
     # The (B*H, blocks) mapping run end to end at the largest B*H the interpreter affords here
     # (about 0.03 s per program on 2 cores); the > 65535 grid itself is checked above.
-    B, H, Hkv, Sq, Sk, D = 8, 2, 1, 2, 3, 16
+    B, H, Hkv, Sq, Sk, D = 4, 2, 1, 2, 3, 16
     q = randn(B, H, Sq, D, device=DEV, requires_grad=True)
     k = randn(B, Hkv, Sk, D, device=DEV, requires_grad=True)
     v = randn(B, Hkv, Sk, D, device=DEV, requires_grad=True)
@@ -150,10 +150,10 @@ def _track_allocations(monkeypatch):
 
 
 @pytest.mark.parametrize("mask_shape,requires_grad",
-                         [((1, 1, 33, 40), False), ((2, 2, 33, 40), False), ((33, 40), True),
-                          ((2, 1, 1, 40), True), ((1, 2, 33, 1), True), ((2, 1, 33, 40), True)])
+                         [((2, 2, 17, 40), False), ((17, 40), True), ((2, 1, 1, 40), True),
+                          ((1, 2, 17, 1), True), ((2, 1, 17, 40), True)])
 def test_mask_grad_buffer(monkeypatch, interpret_triton, mask_shape, requires_grad):
-    B, H, Sq, Sk, D = 2, 2, 33, 40, 16
+    B, H, Sq, Sk, D = 2, 2, 17, 40, 16
     q = randn(B, H, Sq, D, device=DEV)
     k = randn(B, 1, Sk, D, device=DEV)
     v = randn(B, 1, Sk, D, device=DEV)
@@ -161,7 +161,7 @@ def test_mask_grad_buffer(monkeypatch, interpret_triton, mask_shape, requires_gr
     out, lse = K.attention_forward(q, k, v, attn_mask=mask, scale=0.25, window_left=9)
     do = randn(*out.shape, device=DEV)
     sizes = _track_allocations(monkeypatch)
-    dq, dk, dv, dmask = K.attention_backward(do, q, k, v, out, lse, attn_mask=mask, scale=0.25,
+    dq, dk, dv, dmask, _ = K.attention_backward(do, q, k, v, out, lse, attn_mask=mask, scale=0.25,
                                              window_left=9, mask_grad=requires_grad)
     monkeypatch.undo()
     full = B * H * Sq * Sk
@@ -179,3 +179,152 @@ def test_mask_grad_buffer(monkeypatch, interpret_triton, mask_shape, requires_gr
         assert torch.isfinite(dmask).all() and dmask.abs().max() < 1e-5 * rg[0].abs().max()
     else:
         assert_close(dmask, rg[3], torch.float32, tf32=HAS_CUDA, name="dmask")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15: softcap, sinks, ALiBi, bottom_right in the Triton forward and backward
+# ---------------------------------------------------------------------------------------------
+def _features(names, B, Hq, sink_dtype=torch.float32):
+    kw = {}
+    if "softcap" in names:
+        kw["softcap"] = 1.5
+    if "sinks" in names:
+        kw["sinks"] = randn(Hq, dtype=sink_dtype, device=DEV, requires_grad=True)
+    if "alibi" in names:
+        kw["alibi_slopes"] = torch.rand(Hq, device=DEV) * 0.3
+    if "alibi_b" in names:
+        kw["alibi_slopes"] = torch.rand(B, Hq, device=DEV) * 0.3
+    if "br" in names:
+        kw["bottom_right"] = True
+    return kw
+
+
+def _to64(t):
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        return t.detach().double().cpu().requires_grad_(t.requires_grad)
+    return t.cpu() if isinstance(t, torch.Tensor) else t
+
+
+def _check(q, k, v, varlen=None, **kw):
+    """fastbig.ops.attention(_varlen) on the Triton path against the float64 reference: out, lse
+    (finite rows equal, -inf rows the same), and the gradient of every input that requires one
+    (q, k, v, sinks, an additive mask)."""
+    if varlen is None:
+        out, lse = fastbig.ops.attention(q, k, v, return_lse=True, **kw)
+    else:
+        out, lse = fastbig.ops.attention_varlen(q, k, v, *varlen, return_lse=True, **kw)
+    named = [("q", q), ("k", k), ("v", v)] + [(n, t) for n, t in kw.items()
+                                              if isinstance(t, torch.Tensor) and t.requires_grad]
+    do = randn(*out.shape, dtype=out.dtype, device=out.device)
+    grads = torch.autograd.grad(out, [t for _, t in named], do)
+    rkw = {n: _to64(t) for n, t in kw.items()}
+    rins = [_to64(q), _to64(k), _to64(v)]
+    if varlen is None:
+        rout, rlse = ref.attention(*rins, return_lse=True, **rkw)
+    else:
+        rout, rlse = ref.attention_varlen(*rins, varlen[0].cpu(), varlen[1].cpu(), return_lse=True,
+                                          **rkw)
+    rgrads = torch.autograd.grad(rout, rins + [rkw[n] for n, _ in named[3:]], do.double().cpu())
+    dt = q.dtype
+    assert_close(out, rout, dt, tf32=HAS_CUDA, name="out")
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse.cpu()), fin), "lse: -inf rows differ"
+    assert_close(lse.cpu()[fin], rlse[fin], torch.float32 if dt != torch.float16 else dt,
+                 tf32=HAS_CUDA, name="lse")
+    for (n, t), g, rg in zip(named, grads, rgrads):  # a float16 sinks' gradient is float16
+        gdt = t.dtype if t.dtype in (torch.float16, torch.bfloat16) else dt
+        assert_close(g, rg, gdt, tf32=HAS_CUDA, name=f"d{n}")
+    return out, lse, dict(zip([n for n, _ in named], grads))
+
+
+def _qkv(B, Hq, Hkv, Sq, Sk, D=16, dtype=torch.float32):
+    return (randn(B, Hq, Sq, D, dtype=dtype, device=DEV, requires_grad=True),
+            randn(B, Hkv, Sk, D, dtype=dtype, device=DEV, requires_grad=True),
+            randn(B, Hkv, Sk, D, dtype=dtype, device=DEV, requires_grad=True))
+
+
+@pytest.fixture
+def small_tiles(interpret_triton):
+    """16 x 16 tiles: odd sizes cross several tiles at a small interpreter cost."""
+    with K.interpreter_blocks(16, 16):
+        yield
+
+
+FEATURE_CASES = [  # (features, dtype, (B, Hq, Hkv, Sq, Sk), causal, window)
+    (("softcap",), torch.float32, (1, 2, 1, 17, 70), False, None),
+    (("sinks",), torch.float32, (1, 2, 1, 17, 70), False, None),
+    (("alibi",), torch.float32, (1, 2, 1, 17, 70), False, None),
+    (("br",), torch.float32, (1, 2, 1, 17, 70), True, None),        # causal on the shifted diagonal
+    (("br",), torch.float32, (1, 2, 1, 33, 17), False, (5, 3)),     # Sq > Sk: negative shift
+    (("softcap", "sinks", "alibi", "br"), torch.float32, (1, 4, 2, 17, 70), True, (9, None)),
+    (("softcap", "sinks", "alibi_b", "br"), torch.float32, (2, 2, 1, 1, 70), False, (6, 0)),
+    (("softcap", "sinks", "alibi", "br"), torch.float32, (1, 2, 2, 17, 17), False, None),
+    (("softcap", "sinks", "alibi", "br"), torch.float32, (1, 2, 1, 1, 1), True, None),
+    (("softcap", "sinks", "alibi", "br"), torch.float16, (1, 2, 1, 33, 70), True, None),
+    (("sinks", "alibi_b"), torch.float16, (2, 2, 1, 17, 17), False, (4, 4)),
+]
+
+
+@pytest.mark.parametrize("names,dtype,shape,causal,window", FEATURE_CASES,
+                         ids=["+".join(c[0]) + f"-{str(c[1])[6:]}-" + "x".join(map(str, c[2]))
+                              + ("-causal" if c[3] else "") + (f"-w{c[4][0]}_{c[4][1]}" if c[4] else "")
+                              for c in FEATURE_CASES])
+def test_features_match_reference(small_tiles, names, dtype, shape, causal, window):
+    B, Hq = shape[:2]
+    _check(*_qkv(*shape, dtype=dtype), causal=causal, window=window, **_features(names, B, Hq))
+
+
+def test_features_with_masks_and_padding(small_tiles):
+    # an additive mask that requires grad (full shape: the dQ kernel writes dmask; [Sq, Sk]:
+    # the reduction kernel), a bool mask, key padding, sinks in float16, everything on
+    B, Hq, Hkv, Sq, Sk = 2, 2, 1, 17, 33
+    kpm = torch.zeros(B, Sk, dtype=torch.bool, device=DEV)
+    kpm[0, :5] = True
+    kpm[1, 25:] = True
+    for mask in (randn(B, Hq, Sq, Sk, device=DEV, requires_grad=True),
+                 randn(Sq, Sk, device=DEV, requires_grad=True),
+                 torch.rand(B, 1, Sq, Sk, device=DEV) > 0.3):
+        kw = _features(("softcap", "sinks", "alibi", "br"), B, Hq, sink_dtype=torch.float16)
+        _check(*_qkv(B, Hq, Hkv, Sq, Sk), attn_mask=mask, key_padding_mask=kpm, causal=True,
+               window=(20, None), **kw)
+
+
+def test_sinks_fully_masked_rows(small_tiles):
+    # no key visible: out 0, every gradient 0, lse = the head's sink (the reference's too)
+    B, Hq, Sq, Sk = 2, 2, 5, 20
+    q, k, v = _qkv(B, Hq, 1, Sq, Sk)
+    kpm = torch.zeros(B, Sk, dtype=torch.bool, device=DEV)
+    kpm[1] = True
+    sinks = randn(Hq, device=DEV, requires_grad=True)
+    out, lse, g = _check(q, k, v, key_padding_mask=kpm, sinks=sinks, softcap=2.0)
+    assert torch.all(out[1] == 0) and torch.equal(lse[1], sinks.detach()[:, None].expand(Hq, Sq))
+    assert torch.all(g["q"][1] == 0) and torch.all(g["k"][1] == 0) and torch.all(g["v"][1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_features(small_tiles, dtype):
+    # bottom_right per sequence (Sk_b - Sq_b: positive, zero, negative), an empty-key sequence
+    lens_q, lens_k = (1, 17, 20, 3, 4), (40, 17, 9, 0, 33)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=DEV)
+    Hq, Hkv, D = 2, 1, 16
+    q = randn(int(cu_q[-1]), Hq, D, dtype=dtype, device=DEV, requires_grad=True)
+    k = randn(int(cu_k[-1]), Hkv, D, dtype=dtype, device=DEV, requires_grad=True)
+    v = randn(int(cu_k[-1]), Hkv, D, dtype=dtype, device=DEV, requires_grad=True)
+    kw = _features(("softcap", "sinks", "alibi_b", "br"), len(lens_q), Hq)
+    _check(q, k, v, varlen=(cu_q, cu_k, max(lens_q), max(lens_k)), causal=True, window=(12, None),
+           **kw)
+
+
+def test_features_take_the_triton_path(interpret_triton, monkeypatch):
+    # no silent fallback: the four features reach the kernel; slopes that require grad do not
+    calls = []
+    real = K.attention_forward
+    monkeypatch.setattr(K, "attention_forward", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    q, k, v = _qkv(1, 2, 1, 3, 5)
+    kw = _features(("softcap", "sinks", "alibi", "br"), 1, 2)
+    fastbig.ops.attention(q, k, v, causal=True, **kw)
+    assert len(calls) == 1 and calls[0]["softcap"] == 1.5 and calls[0]["bottom_right"]
+    ok, why = attn_ops._triton_ok(q, 16, 0.0, 3, 5, attn_ops._Features(
+        "attention", q, 2, 1, None, None, torch.rand(2, requires_grad=True), False))
+    assert not ok and "alibi_slopes" in why
