@@ -328,3 +328,79 @@ def test_features_take_the_triton_path(interpret_triton, monkeypatch):
     ok, why = attn_ops._triton_ok(q, 16, 0.0, 3, 5, attn_ops._Features(
         "attention", q, 2, 1, None, None, torch.rand(2, requires_grad=True), False))
     assert not ok and "alibi_slopes" in why
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15 item 4: split-K decoding forward (flash-decoding)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def splitk(small_tiles, monkeypatch):
+    """Split-K for every Sq <= 16 here (the default needs Sk >= 1024), 3 splits of a few 16-key
+    tiles each (some empty under the causal/window band), and a count of its launches."""
+    monkeypatch.setattr(K, "SPLITK_MIN_SK", 1)
+    monkeypatch.setattr(K, "SPLITK_NUM_SPLITS", 3)
+    calls = []
+    real = K._splitk_forward
+    monkeypatch.setattr(K, "_splitk_forward", lambda *a, **kw: calls.append(a[5]) or real(*a, **kw))
+    return calls
+
+
+SPLITK_CASES = [  # (B, Hq, Hkv, Sq, Sk), features, causal, window, key padding, mask
+    ((2, 4, 2, 1, 70), ("sinks", "alibi_b", "softcap"), False, None, True, False),
+    ((1, 4, 1, 3, 45), ("softcap", "sinks", "alibi", "br"), True, (30, None), True, True),
+    ((1, 2, 2, 16, 33), ("br",), True, None, False, True),
+    ((2, 2, 1, 17, 70), (), False, None, False, False),  # Sq 17: not split-K
+]
+
+
+@pytest.mark.parametrize("shape,names,causal,window,pad,mask", SPLITK_CASES,
+                         ids=["x".join(map(str, c[0])) + "-" + "+".join(c[1]) for c in SPLITK_CASES])
+def test_splitk_matches_reference(splitk, shape, names, causal, window, pad, mask):
+    B, Hq, Hkv, Sq, Sk = shape
+    kw = _features(names, B, Hq)
+    if pad:
+        kpm = torch.zeros(B, Sk, dtype=torch.bool, device=DEV)
+        kpm[0, 3:11] = True
+        kpm[-1, -5:] = True
+        kw["key_padding_mask"] = kpm
+    if mask:
+        kw["attn_mask"] = randn(1, Hq, Sq, Sk, device=DEV, requires_grad=True)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk)
+    out, lse, _ = _check(q, k, v, causal=causal, window=window, **kw)  # backward: normal kernels
+    assert len(splitk) == (1 if Sq <= 16 else 0)
+    if splitk:  # the GQA group's heads share one program when their rows fit
+        assert splitk[0][0] == min(Hq // Hkv, 64 // Sq) and splitk[0][1] == 3
+        # the normal forward gives the same out and lse
+        K.SPLITK_MIN_SK = 10 ** 9
+        out2, lse2 = fastbig.ops.attention(q, k, v, return_lse=True, causal=causal, window=window,
+                                           **kw)
+        assert_close(out, out2, tf32=HAS_CUDA, name="split-K vs normal out")
+        assert_close(lse, lse2, tf32=HAS_CUDA, name="split-K vs normal lse")
+
+
+def test_splitk_varlen_and_fp16(splitk):
+    lens_q, lens_k = (1, 4, 2), (50, 0, 21)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=DEV)
+    Hq, Hkv, D = 4, 2, 16
+    q = randn(int(cu_q[-1]), Hq, D, dtype=torch.float16, device=DEV, requires_grad=True)
+    k = randn(int(cu_k[-1]), Hkv, D, dtype=torch.float16, device=DEV, requires_grad=True)
+    v = randn(int(cu_k[-1]), Hkv, D, dtype=torch.float16, device=DEV, requires_grad=True)
+    kw = _features(("softcap", "sinks", "alibi", "br"), len(lens_q), Hq)
+    _check(q, k, v, varlen=(cu_q, cu_k, max(lens_q), max(lens_k)), causal=True, **kw)
+    assert len(splitk) == 1
+
+
+def test_splitk_plan(monkeypatch):
+    # defaults: decode shapes only, splits filling about two waves of 132 SMs, >= 256 keys each
+    assert K._splitk_plan(1, 32, 8, 1, 1023, torch.device("cpu")) is None
+    assert K._splitk_plan(1, 32, 8, 17, 4096, torch.device("cpu")) is None
+    assert K._splitk_plan(1, 32, 8, 1, 4096, torch.device("cpu"), dropout_p=0.1) is None
+    hpp, splits, bm = K._splitk_plan(1, 32, 8, 1, 4096, torch.device("cpu"))
+    assert (hpp, bm) == (4, 16) and splits == 16  # 8 programs x 16 splits; 4096 / 256 = 16
+    hpp, splits, bm = K._splitk_plan(1, 32, 8, 1, 65536, torch.device("cpu"))
+    assert splits == 33 and 8 * splits >= 2 * 132
+    hpp, splits, bm = K._splitk_plan(64, 32, 32, 4, 8192, torch.device("cpu"))
+    assert (hpp, splits, bm) == (1, 1, 16)  # 2048 programs fill the device already
+    hpp, splits, bm = K._splitk_plan(2, 16, 2, 16, 2048, torch.device("cpu"))
+    assert (hpp, bm) == (4, 64)  # 4 heads x 16 rows = 64 rows per program

@@ -557,6 +557,147 @@ def _dropout_mask_kernel(Keep, H, SQ, SK, seed, drop_stride, dropout_p,
 
 
 # ---------------------------------------------------------------------------------------------
+# Decoding: split-K forward (flash-decoding)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_splitk_kernel(
+    Q, K, V, OPart, LPart, Mask, Kpm, CuQ, CuK, Alibi,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    smb, smh, smm, smn, skpb, skpn, sab, sah,
+    H, GROUP, HPP, SQ, SK, D, NUM_SPLITS, qk_scale2, cap2, window_left, window_right, SK_CLASS,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (batch, HPP query heads of one GQA group, key split): its rows are the
+    HPP heads' Sq query rows (row r: head h0 + r // SQ, position r % SQ), so the group's K/V
+    split is read once for all of them. Writes the split's normalized partial output and its
+    log2-sum-exp (fp32; -inf and 0 for a split that sees no key) for the merge kernel."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_chunks = H // HPP
+    b = pid // n_chunks
+    h0 = (pid % n_chunks) * HPP
+    hk = h0 // GROUP
+    q_start, q_len, k_start, k_len, diag = _seq_bounds(CuQ, CuK, b, SQ, SK, IS_VARLEN, BOTTOM_RIGHT)
+    b64 = b.to(tl.int64)
+    r = tl.arange(0, BLOCK_M)
+    pos_m = r % SQ
+    h = h0 + r // SQ
+    h64 = h.to(tl.int64)
+    m_ok = (r < HPP * SQ) & (pos_m < q_len)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b64 * sqb + h64[:, None] * sqh + (q_start + pos_m).to(tl.int64)[:, None] * sqm
+                + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh + k_start.to(tl.int64) * skn
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh + k_start.to(tl.int64) * svn
+    mrow = b64 * smb + h64 * smh + pos_m.to(tl.int64) * smm
+    kp_base = Kpm + b64 * skpb
+    if HAS_ALIBI:
+        slope2 = (tl.load(Alibi + b64 * sab + h64 * sah, mask=m_ok, other=0.0).to(tl.float32)
+                  * 1.4426950408889634)[:, None]
+    else:
+        slope2 = 0.0
+
+    # This split's keys, cut to the causal/window band of all its rows (positions 0..q_len-1).
+    chunk = tl.cdiv(tl.cdiv(k_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, k_len)
+    if HAS_WL:
+        lo = tl.maximum(lo, (tl.maximum(diag - window_left, 0) // BLOCK_N) * BLOCK_N)
+    if HAS_WR:
+        hi = tl.minimum(hi, q_len + diag + window_right)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        offs_n64 = offs_n.to(tl.int64)
+        kv_mask = (offs_n < hi)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        s, _t = _score_tile(q, k, pos_m, m_ok, offs_n, hi, diag, qk_scale2, cap2, slope2,
+                            Mask, mrow, smn, kp_base, skpn, window_left, window_right,
+                            HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI,
+                            DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + offs_n64[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    # partials [B, H, SQ, NUM_SPLITS, (D)], fp32
+    prow = ((b64 * H + h64) * SQ + pos_m.to(tl.int64)) * NUM_SPLITS + split
+    tl.store(OPart + prow[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LPart + prow, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=m_ok)
+
+
+@triton.jit
+def _attn_splitk_merge_kernel(
+    OPart, LPart, Out, Lse, CuQ, Sinks,
+    sob, soh, som, sod, slb, slh, slm, ssh,
+    H, SQ, D, NUM_SPLITS,
+    IS_VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = sum_s exp(lse_s - lse) out_s with lse = log(exp(sink) + sum_s exp(lse_s)): the splits'
+    partials merged by log-sum-exp, the sink added once, here."""
+    bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        q_len = tl.load(CuQ + b + 1) - q_start
+    else:
+        q_start = 0
+        q_len = SQ
+    if start_m >= q_len:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < q_len
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    prow = (bh.to(tl.int64) * SQ + offs_m.to(tl.int64)) * NUM_SPLITS
+    lp = tl.load(LPart + prow[:, None] + offs_s[None, :],
+                 mask=m_ok[:, None] & (offs_s < NUM_SPLITS)[None, :], other=float("-inf"))
+    m = tl.max(lp, 1)
+    if HAS_SINKS:
+        sink2 = tl.load(Sinks + h.to(tl.int64) * ssh).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tot = tl.sum(tl.exp2(lp - m_safe[:, None]), 1)
+    if HAS_SINKS:
+        tot += tl.exp2(sink2 - m_safe)
+    empty = tot == 0.0
+    lse2 = tl.where(empty, float("inf"), m_safe + tl.log2(tl.where(empty, 1.0, tot)))
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        ls = tl.load(LPart + prow + s, mask=m_ok, other=float("-inf"))
+        o = tl.load(OPart + (prow + s)[:, None] * D + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.exp2(ls - lse2)[:, None] * o
+    rows = (q_start + offs_m).to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    tl.store(Out + b64 * sob + h64 * soh + rows[:, None] * som + offs_d[None, :] * sod,
+             acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b64 * slb + h64 * slh + rows * slm,
+             tl.where(empty, float("-inf"), lse2 * 0.6931471805599453), mask=m_ok)
+
+
+# ---------------------------------------------------------------------------------------------
 # Autotuning (GPU only; the interpreter runs one config)
 # ---------------------------------------------------------------------------------------------
 def _fwd_configs():
@@ -631,6 +772,28 @@ else:  # pragma: no cover - needs a GPU
                                                "HAS_WL", "HAS_WR", "HAS_DROPOUT", "HAS_SOFTCAP",
                                                "HAS_ALIBI", "BOTTOM_RIGHT", "RED_M", "RED_N"],
                               _attn_bwd_dmask_kernel)
+
+
+def _splitk_configs():
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bn, w, st in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3)]]
+
+
+def _splitk_prune(configs, named_args, **kwargs):
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = [c for c in configs if bd <= 128 or c.kwargs["BLOCK_N"] <= 64]
+    return kept or configs[-1:]
+
+
+if INTERPRET:
+    _splitk_launch = _attn_fwd_splitk_kernel
+else:  # pragma: no cover - needs a GPU
+    _splitk_launch = triton.autotune(
+        _splitk_configs(), key=["BLOCK_D", "BLOCK_M", "SK_CLASS", "GROUP", "HAS_MASK", "HAS_KPM",
+                                "IS_VARLEN", "HAS_WL", "HAS_WR", "HAS_SOFTCAP", "HAS_ALIBI",
+                                "BOTTOM_RIGHT"],
+        prune_configs_by={"early_config_prune": _splitk_prune}, **_autotune_kwargs(),
+    )(_attn_fwd_splitk_kernel)
 
 
 def _blocks(fixed: bool):
@@ -754,6 +917,68 @@ class _Features:
                           BOTTOM_RIGHT=bool(bottom_right))
 
 
+# Split-K decoding (flash-decoding) is taken for Sq <= SPLITK_MAX_SQ query rows against
+# Sk >= SPLITK_MIN_SK keys (max_seqlen_q/k in varlen), without dropout. There the normal forward
+# runs one program per (batch, head) that walks all of Sk alone (B*H programs, e.g. 32 for a
+# batch-1 decode of a 32-head model, on 132 SMs) and reads each GQA group's K/V once per query
+# head; split-K runs (batch, GQA group) x num_splits programs. 1024 keys: below it the whole K/V
+# of a head is at most 16 tiles of 64 keys (a few microseconds), where the second launch and the
+# fp32 partials cost about what the splitting gains (to be re-measured on the GPU machine; this
+# session had none). Tests lower the thresholds and force SPLITK_NUM_SPLITS.
+SPLITK_MAX_SQ = 16
+SPLITK_MIN_SK = 1024
+SPLITK_NUM_SPLITS = None  # None: chosen from B*H and Sk (see _splitk_plan)
+SPLITK_MAX_ROWS = 64      # query rows (heads x positions) one split program packs
+_NUM_SMS = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 132  # H100/H200, for the interpreter's plan
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def _splitk_plan(B, H, Hkv, Sq, Sk, device, dropout_p=0.0):
+    """(heads per program, num_splits, BLOCK_M) for the split-K forward, or None for the normal
+    one. Heads per program: the largest divisor of the GQA group whose rows fit SPLITK_MAX_ROWS.
+    num_splits: enough programs for two waves of the device's SMs, each split at least 256 keys,
+    at most 64 splits."""
+    if not (1 <= Sq <= SPLITK_MAX_SQ and Sk >= SPLITK_MIN_SK and dropout_p == 0.0):
+        return None
+    group = H // Hkv
+    hpp = max(d for d in range(1, group + 1) if group % d == 0 and d * Sq <= max(SPLITK_MAX_ROWS, Sq))
+    base = B * (H // hpp)
+    if SPLITK_NUM_SPLITS is not None:
+        splits = int(SPLITK_NUM_SPLITS)
+    else:
+        splits = max(1, min(triton.cdiv(2 * _num_sms(device), base), triton.cdiv(Sk, 256), 64))
+    return hpp, splits, max(16, triton.next_power_of_2(hpp * Sq))
+
+
+def _splitk_forward(q, k, v, out, lse, plan, *, varlen, B, H, Hkv, Sq, Sk, D, mask, mstr, has_mask,
+                    mask_bool, kpm, kstr, has_kpm, wl, wr, has_wl, has_wr, cuq, cuk, ft):
+    hpp, splits, block_m = plan
+    opart = torch.empty(B, H, Sq, splits, D, dtype=torch.float32, device=q.device)
+    lpart = torch.empty(B, H, Sq, splits, dtype=torch.float32, device=q.device)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    _splitk_launch[(B * (H // hpp), splits)](
+        q, k, v, opart, lpart, mask, kpm, cuq, cuk, ft.alibi,
+        *_Layout(q, varlen).strides, *_Layout(k, varlen).strides, *_Layout(v, varlen).strides,
+        *mstr, *kstr, ft.sab, ft.sah,
+        H, H // Hkv, hpp, Sq, Sk, D, splits, ft.qk_scale2, ft.cap2, wl, wr, _len_class(Sk),
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_KPM=has_kpm, IS_VARLEN=varlen,
+        HAS_WL=has_wl, HAS_WR=has_wr, DOT_PREC=_dot_prec(q.dtype), BLOCK_M=block_m,
+        BLOCK_D=BLOCK_D, **ft.flags, **({"BLOCK_N": _INTERP_BLOCK_N} if INTERPRET else {}))
+    _attn_splitk_merge_kernel[(B * H, triton.cdiv(Sq, 16))](
+        opart, lpart, out, lse, cuq, ft.sinks, *_Layout(out, varlen).strides,
+        *_lse_strides(lse, varlen), ft.ssh, H, Sq, D, splits,
+        IS_VARLEN=varlen, HAS_SINKS=ft.has_sinks, SPLITS_P2=triton.next_power_of_2(splits),
+        BLOCK_M=16, BLOCK_D=BLOCK_D)
+
+
 def attention_forward(q, k, v, *, attn_mask=None, key_padding_mask=None, cu_seqlens_q=None,
                       cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, scale, window_left=-1,
                       window_right=-1, dropout_p=0.0, seed=0, softcap=0.0, sinks=None,
@@ -781,6 +1006,14 @@ def attention_forward(q, k, v, *, attn_mask=None, key_padding_mask=None, cu_seql
     cuq = cu_seqlens_q if varlen else q
     cuk = cu_seqlens_k if varlen else q
     has_drop = dropout_p > 0.0
+    plan = _splitk_plan(B, H, Hkv, Sq, Sk, q.device, dropout_p)
+    if plan is not None:
+        with _on_device(q):
+            _splitk_forward(q, k, v, out, lse, plan, varlen=varlen, B=B, H=H, Hkv=Hkv, Sq=Sq,
+                            Sk=Sk, D=D, mask=mask, mstr=mstr, has_mask=has_mask, mask_bool=mask_bool,
+                            kpm=kpm, kstr=kstr, has_kpm=has_kpm, wl=wl, wr=wr, has_wl=has_wl,
+                            has_wr=has_wr, cuq=cuq, cuk=cuk, ft=ft)
+        return out, lse
     with _on_device(q):
         _fwd_launch[_grid(B * H, Sq, "BLOCK_M")](
             q, k, v, out, lse, mask, kpm, cuq, cuk, ft.sinks, ft.alibi,
