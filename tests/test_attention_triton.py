@@ -404,3 +404,37 @@ def test_splitk_plan(monkeypatch):
     assert (hpp, splits, bm) == (1, 1, 16)  # 2048 programs fill the device already
     hpp, splits, bm = K._splitk_plan(2, 16, 2, 16, 2048, torch.device("cpu"))
     assert (hpp, bm) == (4, 64)  # 4 heads x 16 rows = 64 rows per program
+
+
+def test_opcheck_with_features(small_tiles):
+    # the custom op's schema, fake impl and autograd registration (dsinks) with every feature on
+    # (torch.compile of the op is tests/test_attention.py::test_torch_compile_fullgraph)
+    q, k, v = _qkv(1, 2, 1, 5, 7)
+    sinks = randn(2, device=DEV, requires_grad=True)
+    slopes = torch.rand(1, 2, device=DEV)
+    args = (q, k, v, None, None, None, None, 5, 7, 0.3, 4, 0, 0.0, None, 1.5, sinks, slopes, True)
+    torch.library.opcheck(torch.ops.fastbig.flash_attn.default, args)
+
+
+def test_dropout_with_features_and_mask_grad(small_tiles):
+    # dropout regenerated in every backward kernel, the mask-gradient reduction kernel included
+    B, Hq, Sq, Sk, p = 1, 2, 17, 20, 0.25
+    q, k, v = _qkv(B, Hq, 1, Sq, Sk)
+    mask = randn(Sq, Sk, device=DEV, requires_grad=True)
+    sinks = randn(Hq, device=DEV, requires_grad=True)
+    kw = dict(attn_mask=mask, sinks=sinks, softcap=2.0, causal=True, bottom_right=True,
+              alibi_slopes=torch.rand(Hq, device=DEV) * 0.3)
+    torch.manual_seed(7)
+    out = fastbig.ops.attention(q, k, v, dropout_p=p, **kw)
+    torch.manual_seed(7)
+    keep = attn_ops.dropout_mask(B, Hq, Sq, Sk, p, seed=int(attn_ops._new_seed()), device=DEV).cpu()
+    do = randn(*out.shape, device=DEV)
+    ins = (q, k, v, mask, sinks)
+    g = torch.autograd.grad(out, ins, do)
+    r = [_to64(t) for t in ins]
+    rkw = dict(kw, attn_mask=r[3], sinks=r[4], alibi_slopes=_to64(kw["alibi_slopes"]))
+    rout = ref.attention(*r[:3], dropout_p=p, dropout_keep=keep, **rkw)
+    rg = torch.autograd.grad(rout, r, do.double().cpu())
+    assert_close(out, rout, tf32=HAS_CUDA)
+    for a, b, n in zip(g, rg, ("dq", "dk", "dv", "dmask", "dsinks")):
+        assert_close(a, b, tf32=HAS_CUDA, name=n)

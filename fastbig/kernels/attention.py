@@ -893,7 +893,7 @@ def _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, B, H, Hkv, Sq, Sk, D
 
 
-class _Features:
+class _FeatureArgs:
     """The kernels' view of softcap / sinks / ALiBi / bottom_right: pointers, strides, the score
     scales and the constexpr flags (all off: the kernels compile as without them)."""
 
@@ -988,7 +988,7 @@ def attention_forward(q, k, v, *, attn_mask=None, key_padding_mask=None, cu_seql
     bottom_right (causal/window diagonal at Sk - Sq, per sequence in varlen) as in SPEC.md; the
     lse includes the sink."""
     varlen, B, H, Hkv, Sq, Sk, D = _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    ft = _Features(q, scale, softcap, sinks, alibi_slopes, bottom_right)
+    ft = _FeatureArgs(q, scale, softcap, sinks, alibi_slopes, bottom_right)
     out = _empty_like(q)
     if varlen:
         lse = _empty_like(q.new_empty(H, q.shape[0], dtype=torch.float32))
@@ -1049,7 +1049,7 @@ def attention_backward(grad_out, q, k, v, out, lse, *, attn_mask=None, key_paddi
     [Sq, Sk], [B, 1, 1, Sk]) by a reduction kernel into that shape, never through a full
     [B, H, Sq, Sk] buffer. No mask gradient asked for: nothing is allocated."""
     varlen, B, H, Hkv, Sq, Sk, D = _dims(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    ft = _Features(q, scale, softcap, sinks, alibi_slopes, bottom_right)
+    ft = _FeatureArgs(q, scale, softcap, sinks, alibi_slopes, bottom_right)
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     want_dmask = bool(mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool)
     dmask, red = None, (False,) * 4
