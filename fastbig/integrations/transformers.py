@@ -31,7 +31,7 @@ tracing/compiling) is built by the stock mask function: dense, correct, slower.
 Keywords (:data:`IMPLEMENTED`, :data:`HANDED_BACK`). The attention function implements every
 keyword transformers passes it (dropout, scaling, is_causal, sliding_window, softcap, s_aux
 sinks, position_bias, the packed-sequence keywords, ...) or hands the call back to the stock
-path, with one warning per reason. A keyword in neither table is handed back too (and
+path, with one warning per reason. A keyword in neither table is handed back too, unless its value is None (and
 tests/test_transformers.py fails for it, so a keyword that a new transformers adds is noticed).
 """
 from __future__ import annotations
@@ -90,6 +90,8 @@ IMPLEMENTED: Dict[str, str] = {
     "num_items_in_batch": "no effect on attention (a loss normalizer)",
     "seq_idx": "no effect on attention (the sdpa/eager paths ignore it; packing comes from the mask)",
     "deterministic": "no effect (a flash-attention hint; the sdpa/eager paths ignore it)",
+    "encoder_hidden_states": "no effect (BERT-style layers pass it through; k/v were already "
+                             "projected from it, and the stock paths ignore it)",
 }
 
 #: Keywords (or values of them) that hand the call back to the stock path (keyword -> why).
@@ -560,7 +562,8 @@ def fastbig_attention(module, query, key, value, attention_mask=None, **kwargs):
 
 def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
     from ..ops.attention import attention, attention_varlen
-    unknown = sorted(k for k in kwargs if k not in IMPLEMENTED)
+    # a keyword given as None is not given (transformers threads optional inputs through **kwargs)
+    unknown = sorted(k for k, v in kwargs.items() if k not in IMPLEMENTED and v is not None)
     if unknown:
         known = [k for k in unknown if k in HANDED_BACK]
         raise _HandBack(f"keyword(s) {unknown}: " + ("; ".join(HANDED_BACK[k] for k in known)
