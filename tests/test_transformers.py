@@ -528,3 +528,67 @@ def _print_errors():
     yield
     for label, errs in sorted(ERRORS.items()):
         print(f"{label:40s} " + "  ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the drop-ins: every argument of torch's SDPA and MultiheadAttention is implemented or handed
+# back; the SDPA drop-in takes SDPA's shape rules
+# ---------------------------------------------------------------------------------------------
+def test_sdpa_and_mha_arguments_are_all_covered():
+    from fastbig.nn.attention import MHA_FORWARD_ARGUMENTS
+    from fastbig.nn.functional import SDPA_PARAMETERS
+    schema = torch.ops.aten.scaled_dot_product_attention.default._schema
+    assert {a.name for a in schema.arguments} == set(SDPA_PARAMETERS)
+    torch_mha = set(inspect.signature(torch.nn.MultiheadAttention.forward).parameters) - {"self"}
+    assert torch_mha == set(MHA_FORWARD_ARGUMENTS)
+    ours = set(inspect.signature(fastbig.nn.MultiheadAttention.forward).parameters) - {"self"}
+    assert ours == torch_mha
+
+
+SDPA_SHAPES = [  # (q, k, v, enable_gqa): batch dims broadcast as in torch's SDPA
+    ((4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8), False),       # rank-3 query, rank-4 key/value
+    ((2, 4, 5, 8), (4, 6, 8), (4, 6, 8), False),
+    ((5, 8), (2, 4, 6, 8), (2, 4, 6, 8), False),          # rank-2 query
+    ((2, 4, 5, 8), (6, 8), (6, 8), False),
+    ((1, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8), False),    # batch 1 against 2
+    ((2, 4, 5, 8), (2, 4, 6, 8), (1, 4, 6, 8), False),    # key and value batches differ
+    ((3, 2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8), False),
+    ((2, 4, 5, 8), (2, 1, 6, 8), (2, 4, 6, 8), False),    # one key head broadcasts
+    ((2, 1, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8), False),    # one query head broadcasts
+    ((4, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), True),        # GQA, rank-3 query
+    ((2, 4, 5, 8), (2, 1, 6, 8), (2, 2, 6, 8), True),     # GQA, key and value heads differ
+    ((2, 4, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), True),     # 3 does not divide 4: an error
+    ((2, 4, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), False),    # heads differ without GQA: an error
+]
+
+
+@pytest.mark.parametrize("mask", [None, (5, 6), (4, 5, 6), (2, 1, 5, 6), "causal"])
+@pytest.mark.parametrize("shapes", SDPA_SHAPES, ids=lambda s: "x".join(map(str, s[0])) + "-" +
+                         "x".join(map(str, s[1])) + "-" + "x".join(map(str, s[2])) + ("-gqa" if s[3] else ""))
+def test_sdpa_drop_in_shape_rules(shapes, mask):
+    qs, ks, vs, gqa = shapes
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*s, dtype=torch.float64) for s in (qs, ks, vs))
+    kw = dict(enable_gqa=gqa, is_causal=mask == "causal")
+    if isinstance(mask, tuple):
+        kw["attn_mask"] = torch.rand(*mask) > 0.3
+    try:
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    except (RuntimeError, IndexError):
+        with pytest.raises(RuntimeError):
+            fastbig.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
+        return
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    out = fastbig.nn.functional.scaled_dot_product_attention(qf, kf, vf, **kw)
+    assert out.shape == ref.shape
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), fin)
+    assert rel_err(out[fin], ref[fin]) <= LOGIT_TOL
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    rq, rk, rv = (t.clone().requires_grad_() for t in (q, k, v))
+    rg = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(rq, rk, rv, **kw),
+                             (rq, rk, rv), g)
+    og = torch.autograd.grad(out, (qf, kf, vf), g.float())
+    for name, a, b in zip("qkv", og, rg):
+        assert a.shape == b.shape
+        assert rel_err(a, b) <= LOGIT_TOL, name
