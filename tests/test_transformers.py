@@ -596,3 +596,55 @@ def test_sdpa_drop_in_shape_rules(shapes, mask):
     for name, a, b in zip("qkv", og, rg):
         assert a.shape == b.shape
         assert rel_err(a, b) <= LOGIT_TOL, name
+
+
+def test_static_cache_generation_uses_the_dense_path():
+    """A static cache gives tensor offsets: not decoded, the stock dense mask is used (correct)."""
+    inputs, _ = _padded()
+    torch.manual_seed(0)
+    ref = llama().eval()
+    model = copy.deepcopy(ref)
+    fastbig.accelerate(model)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static",
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), _spy() as calls:
+        g1 = model.generate(**inputs, **kw)
+    g0 = ref.generate(**inputs, **kw)
+    assert calls["attention"] > 0
+    assert torch.equal(g1.sequences, g0.sequences)
+    assert max(rel_err(a, b) for a, b in zip(g1.scores, g0.scores)) <= LOGIT_TOL
+
+
+def test_dropout_is_applied_in_training():
+    torch.manual_seed(0)
+    model = llama(attention_dropout=0.5).train()
+    fastbig.accelerate(model)
+    seen = []
+    real = ops_att.attention
+
+    def spy(*a, **k):
+        seen.append(k.get("dropout_p"))
+        return real(*a, **k)
+    ops_att.attention = spy
+    try:
+        ids = _ids(2, 6)
+        torch.manual_seed(1)
+        a = model(input_ids=ids).logits
+        torch.manual_seed(1)
+        b = model(input_ids=ids).logits
+        c = model(input_ids=ids).logits
+        model.eval()
+        d = model(input_ids=ids).logits
+    finally:
+        ops_att.attention = real
+    assert seen[:2] == [0.5, 0.5] and seen[-1] == 0.0
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_bench_cases_smoke():
+    from fastbig.bench import harness
+    from fastbig.bench.hf_cases import hf_cases
+    for case in hf_cases("cpu", smoke=True):
+        rec = harness.run_case(case, "cpu", torch.float32, seed=1, quick=True, smoke=True)
+        status = {r["impl"]: r["status"] for r in rec["impls"]}
+        assert status["fastbig"] == "ok" and status["sdpa"] == "ok", (case.name, status)

@@ -15,6 +15,7 @@ of the real (unpadded) positions, and of every decode step.
 """
 from __future__ import annotations
 
+import inspect
 from typing import List
 
 import torch
@@ -102,8 +103,10 @@ def decode_case(B=2, cache=4096, steps=64, pad=256, *, hidden=512, heads=8, laye
         tf = _transformers()
         m = _llama(inp["seed"], dtype, inp["device"], attn, hidden=hidden, heads=heads, layers=layers)
         kv = tf.DynamicCache(config=m.config)
+        # transformers 5.x renames past_key_values to cache
+        ck = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
         with torch.no_grad():
-            m(input_ids=inp["ids"], attention_mask=inp["am"], past_key_values=kv, use_cache=True)
+            m(input_ids=inp["ids"], attention_mask=inp["am"], use_cache=True, **{ck: kv})
 
         def run():
             am = inp["am"]
@@ -114,7 +117,7 @@ def decode_case(B=2, cache=4096, steps=64, pad=256, *, hidden=512, heads=8, laye
                     am = torch.cat([am, am.new_ones(B, 1)], dim=1)
                     pos = pos + 1
                     out = m(input_ids=inp["next"][:, t:t + 1], attention_mask=am, position_ids=pos,
-                            past_key_values=kv, use_cache=True)
+                            use_cache=True, **{ck: kv})
                     outs.append(out.logits[:, -1])
             kv.crop(-steps)
             return [torch.stack(outs, dim=1)]
