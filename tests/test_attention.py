@@ -482,7 +482,8 @@ def test_sdpa_drop_in_triton(interpret_triton):
 
 
 def test_sdpa_errors_like_torch():
-    q, k, v = randn(1, 2, 5, 8), randn(1, 1, 5, 8), randn(1, 1, 5, 8)
+    # heads that neither match nor broadcast (1 broadcasts, as in torch's SDPA)
+    q, k, v = randn(1, 4, 5, 8), randn(1, 3, 5, 8), randn(1, 3, 5, 8)
     with pytest.raises(RuntimeError, match="enable_gqa"):
         fastbig.nn.functional.scaled_dot_product_attention(q, k, v)
     with pytest.raises(RuntimeError, match="is_causal"):

@@ -330,7 +330,8 @@ def parse_args(argv):
                     "side on the same inputs; each result is checked against a float64 oracle "
                     "before it is timed. Exit code 1 if a fastbig implementation is WRONG or fails.")
     p.add_argument("--op", default="all",
-                   help="attention | lstm | conv_bn_relu | models | all (comma-separated list ok)")
+                   help="attention | lstm | conv_bn_relu | models | all | transformers (not in all; "
+                        "comma-separated list ok)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when there is a GPU)")
     p.add_argument("--dtype", default=None,
                    help="comma-separated: float32, float16, bfloat16 (default: float32 on CPU, "
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
               f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})", file=sys.stderr)
         return 2
     ops = [o.strip() for o in args.op.split(",") if o.strip()]
-    bad = [o for o in ops if o not in cases_mod.OPS + ("all",)]
+    bad = [o for o in ops if o not in cases_mod.OPS + cases_mod.EXTRA_OPS + ("all",)]
     if bad or not ops:
         print(f"fastbig bench: --op: expected one of {', '.join(cases_mod.OPS + ('all',))}, "
               f"got {args.op!r}", file=sys.stderr)
