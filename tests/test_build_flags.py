@@ -18,6 +18,11 @@ CU_FILES = ["csrc/lstm/lstm_cuda.cu", "csrc/conv_bn_relu/conv_bn_relu_cuda.cu"]
 APPROX = ("tanh.approx.f32", "div.approx")  # ex2.approx is part of the accurate expf: no signal
 
 
+if not os.path.exists(os.path.join(ROOT, "setup.py")) or not os.path.isdir(os.path.join(ROOT, "csrc")):
+    pytest.skip("needs the source checkout (setup.py, csrc/, tools/): .ci/run's installed-wheel pass has "
+                "only tests/", allow_module_level=True)
+
+
 def _nvcc_flags():
     spec = importlib.util.spec_from_file_location("_fastbig_nvcc_flags", os.path.join(ROOT, "tools", "nvcc_flags.py"))
     mod = importlib.util.module_from_spec(spec)
