@@ -33,7 +33,7 @@ OUT_DIR=${OUT:-}
 QUICK=""; OPS="attention,lstm,conv_bn_relu"; DTYPES=""; DRY=0; CPU=0
 SKIP_BUILD=0; SKIP_TESTS=0; SKIP_BENCH=0
 BUDGET=500; PREBUILT=prebuilt; JOBS=8; TEST_TIMEOUT=120
-PACK_RESERVE=15
+PACK_RESERVE=15; BENCH_MIN=200  # seconds kept for the bench after the tests
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "gpu_run: $*" >&2; exit 2; }
@@ -195,12 +195,12 @@ if [ "$SKIP_TESTS" = 0 ]; then
     SEL=(${FASTBIG_GPU_RUN_TESTS:-tests/test_bench.py -k "tolerances or flop_counts"})
     step tests tests.log "$(( $(left) - PACK_RESERVE - 30 ))" "$PY" -m pytest "${SEL[@]}" "${PYTEST_ARGS[@]}"
   else
-    # what is left after the tests: 150 s of bench at least (unless it is skipped), and packing
-    rest=$(( $(left) - PACK_RESERVE - (SKIP_BENCH == 1 ? 0 : 150) ))
-    step "tests (cuda-marked)" tests.log "$(min 240 $(( rest * 2 / 5 )))" \
+    # what is left after the tests: BENCH_MIN s of bench at least (unless it is skipped), and packing
+    rest=$(( $(left) - PACK_RESERVE - (SKIP_BENCH == 1 ? 0 : BENCH_MIN) ))
+    step "tests (cuda-marked)" tests.log "$(min 150 $(( rest * 2 / 5 )))" \
       "$PY" -m pytest tests -m cuda --ignore=tests/test_attention.py "${PYTEST_ARGS[@]}"
-    rest=$(( $(left) - PACK_RESERVE - (SKIP_BENCH == 1 ? 0 : 150) ))
-    step "tests (test_attention.py)" tests.log "$(min 300 "$rest")" \
+    rest=$(( $(left) - PACK_RESERVE - (SKIP_BENCH == 1 ? 0 : BENCH_MIN) ))
+    step "tests (test_attention.py)" tests.log "$(min 240 "$rest")" \
       "$PY" -m pytest tests/test_attention.py "${PYTEST_ARGS[@]}"
   fi
 fi
