@@ -170,7 +170,12 @@ if [ "$SKIP_BUILD" = 0 ]; then
     [ "$DRY" = 0 ] && echo "$why" >> "$OUT_DIR/build.log"
     if [ "$ok" = 0 ]; then
       step "build (prebuilt)" build.log 60 use_prebuilt
-    else
+      if [ "$DRY" = 0 ] && ! "$PY" -m fastbig.bench.buildcheck cuda >> "$OUT_DIR/build.log" 2>&1; then
+        echo "== gpu_run: the prebuilt _C does not load here (build.log): building instead" | tee -a "$OUT_DIR/build.log"
+        ok=1
+      fi
+    fi
+    if [ "$ok" != 0 ]; then
       step "build (TORCH_CUDA_ARCH_LIST=$ARCH, MAX_JOBS=${MAX_JOBS:-16})" build.log \
         "$(min 300 $(( $(left) - 150 )))" build "$ARCH"
     fi
