@@ -80,7 +80,7 @@ def ptx_functions(ptx):
                     break
         body = ptx[m.start():j]
         lines = [l.strip() for l in body.splitlines()]
-        lines = [re.sub(r"_ZN\w+", "SYM", re.sub(r"\$L__\w+", "L", l)) for l in lines
+        lines = [re.sub(r"_Z\w+", "SYM", re.sub(r"\$L__\w+", "L", l)) for l in lines
                  if l and not l.startswith((".loc", "//", ".pragma"))]
         out[m.group(1)] = (body, lines)
     return out
