@@ -52,7 +52,8 @@ class _Recorder:
 def grids(monkeypatch):
     calls = []
     for name in ("_fwd_launch", "_dkdv_launch", "_dq_launch", "_dmask_launch",
-                 "_attn_bwd_preprocess_kernel", "_dropout_mask_kernel"):
+                 "_attn_bwd_preprocess_kernel", "_dropout_mask_kernel", "_splitk_launch",
+                 "_attn_splitk_merge_kernel"):
         monkeypatch.setattr(K, name, _Recorder(name, calls))
     return calls
 
@@ -62,7 +63,7 @@ def test_grid_function_puts_batch_heads_on_axis0():
     assert K._grid(3, 1000, "BLOCK_N")({"BLOCK_M": 16, "BLOCK_N": 64}) == (3, 16)
 
 
-def test_launch_grids_past_65535_batch_heads(grids):
+def test_launch_grids_past_65535_batch_heads(grids, monkeypatch):
     # B*H = 70000 > 65535 (CUDA's cap on grid axes 1 and 2): every launcher must put it on axis 0.
     # The kernels are recorded, not run (70000 interpreter programs would take an hour).
     B, H, Hkv, S, D = 35000, 2, 1, 3, 16
@@ -72,11 +73,15 @@ def test_launch_grids_past_65535_batch_heads(grids):
     out, lse = K.attention_forward(q, k, k, attn_mask=mask, scale=0.25)
     K.attention_backward(out, q, k, k, out, lse, attn_mask=mask, scale=0.25, mask_grad=True)
     K.dropout_mask(B, H, S, S, 0.1, 1, "cpu")
+    monkeypatch.setattr(K, "SPLITK_MIN_SK", 1)  # the split-K forward and its merge
+    K.attention_forward(q, k, k, attn_mask=mask, scale=0.25)
     names = {n for n, _ in grids}
     assert names == {"_fwd_launch", "_dkdv_launch", "_dq_launch", "_dmask_launch",
-                     "_attn_bwd_preprocess_kernel", "_dropout_mask_kernel"}
+                     "_attn_bwd_preprocess_kernel", "_dropout_mask_kernel", "_splitk_launch",
+                     "_attn_splitk_merge_kernel"}
     for name, g in grids:
-        want = {"_dkdv_launch": B * Hkv, "_dmask_launch": 1}.get(name, B * H)  # mask [1, 1, S, S]
+        # mask [1, 1, S, S]: its gradient has one (b, h) pair; split-K packs the GQA group's heads
+        want = {"_dkdv_launch": B * Hkv, "_dmask_launch": 1, "_splitk_launch": B * Hkv}.get(name, B * H)
         assert g[0] == want, (name, g)
         assert all(x <= 65535 for x in g[1:]), (name, g)
 

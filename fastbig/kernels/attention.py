@@ -1,10 +1,21 @@
 """Flash attention (FlashAttention-2 style) in Triton: forward, backward, and their launchers.
 
-Forward: one program per (BLOCK_M query rows, batch*query-head); online softmax in the log2
+Forward: one program per (batch*query-head, BLOCK_M query rows); online softmax in the log2
 domain with fp32 accumulators; stores out and the log-sum-exp (natural log, fp32).
-Backward: Delta = rowsum(O * dO) (preprocess kernel), then dK/dV (one program per key block and
-kv head, looping over the query heads of its GQA group and the query blocks) and dQ (one program
-per query block and query head, looping over key blocks). No atomics: bit-for-bit deterministic.
+Decoding (Sq <= SPLITK_MAX_SQ rows, Sk >= SPLITK_MIN_SK keys): a split-K forward instead, one
+program per (batch, GQA group's heads, key split) writing fp32 partials, merged by log-sum-exp.
+Backward: Delta = rowsum(O * dO) (preprocess kernel), then dK/dV (one program per kv head and key
+block, looping over the query heads of its GQA group and the query blocks) and dQ (one program
+per query head and query block, looping over key blocks); a broadcast additive mask's gradient
+by its own reduction kernel. No atomics: bit-for-bit deterministic.
+
+Batch*heads is on grid axis 0 everywhere (CUDA caps axes 1 and 2 at 65535), launches run under
+the inputs' device, and every offset that multiplies a stride is int64.
+
+Features (constexpr flags, off = the kernels compile as without them; SPEC in notes): logit
+softcap, attention sinks (lse includes them; dsinks from the preprocess kernel), ALiBi slopes
+[Hq] or [B, Hq], bottom_right alignment of causal/window (diagonal shifted by Sk - Sq, per
+sequence in varlen; tile skipping follows the shifted band).
 
 Everything a caller can vary is read in place through strides: q/k/v/o of any strides, GQA/MQA
 (kv head = h // GROUP), key padding [B, Sk] (True = padded), bool or additive masks broadcast to

@@ -279,18 +279,11 @@ def _triton_ok(q, D, dropout_p, Sq, Sk, feats=None) -> Tuple[bool, str]:
     return True, ""
 
 
-# The features of _Features that the Triton kernels implement.
-_TRITON_FEATURES = frozenset({"softcap", "sinks", "alibi_slopes", "bottom_right"})
-
-
 def _backend(q, D, dropout_p, Sq, Sk, *, cpu_ok=(True, ""), feats=None) -> str:
     fast = {}
     triton_ok = None
     if q.device.type == "cuda" or backends.current() == "triton":
         triton_ok = _triton_ok(q, D, dropout_p, Sq, Sk, feats)
-        missing = [n for n in (feats.names if feats else ()) if n not in _TRITON_FEATURES]
-        if triton_ok[0] and missing:
-            triton_ok = (False, f"the Triton kernel has no {', '.join(missing)}")
     if q.device.type == "cuda":
         fast["triton"] = triton_ok
     elif q.device.type == "cpu":
