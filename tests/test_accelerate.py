@@ -368,3 +368,16 @@ def test_hf_other_attention_implementation_is_left_as_is():
         report = fastbig.accelerate(model)
     assert any("flex_attention" in e.reason for e in report.skipped)
     assert model.config._attn_implementation == "flex_attention"
+
+
+def test_hf_model_code_that_branches_on_the_implementation_name_is_left_as_is():
+    """Falcon's code tests `_attn_implementation == "sdpa"`: under 'fastbig' it would run other
+    code than its stock sdpa path, so its attention is left alone, with the reason."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    vocab_size=50)
+    model = transformers.FalconForCausalLM(cfg)
+    with pytest.warns(AccelerateWarning, match="branches on the attention implementation"):
+        report = fastbig.accelerate(model)
+    assert not [e for e in report.swapped if e.kind == "attention"]
+    assert model.config._attn_implementation == "sdpa"

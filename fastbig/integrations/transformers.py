@@ -560,8 +560,15 @@ def fastbig_attention(module, query, key, value, attention_mask=None, **kwargs):
     return out.transpose(1, 2).contiguous(), None
 
 
+_OPS = None
+
+
 def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
-    from ..ops.attention import attention, attention_varlen
+    global _OPS
+    if _OPS is None:
+        import importlib
+        _OPS = importlib.import_module("fastbig.ops.attention")
+    attention, attention_varlen = _OPS.attention, _OPS.attention_varlen
     # a keyword given as None is not given (transformers threads optional inputs through **kwargs)
     unknown = sorted(k for k, v in kwargs.items() if k not in IMPLEMENTED and v is not None)
     if unknown:
