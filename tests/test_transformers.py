@@ -232,33 +232,14 @@ def _eager(make, **kw):
     return f
 
 
-# softcap / sinks in fastbig.ops and in the Triton kernels land separately (issue 15)
-def _needs(feature, backend):
-    if not fit._ops_has(feature):
-        return pytest.mark.xfail(strict=True, reason=f"fastbig.ops.attention has no {feature} yet")
-    if backend == "triton":
-        from fastbig.kernels import attention as kern
-        if feature not in inspect.signature(kern.attention_forward).parameters:
-            return pytest.mark.xfail(strict=True, reason=f"the Triton kernels have no {feature} yet")
-    return None
-
-
 BACKENDS = [None, "triton"]
 
 
-def _params(feature=None, triton=True):
+def _params(triton=True):
     """cpu, and the Triton kernels under the interpreter where ``triton`` (the interpreter is slow:
     the Triton runs cover GQA + padding + generation, sliding windows, packed rows, the position
     bias, softcap and sinks; the other architectures run on the CPU path only)."""
-    out = []
-    for b in (BACKENDS if triton else [None]):
-        marks = []
-        if feature:
-            m = _needs(feature, b)
-            if m is not None:
-                marks.append(m)
-        out.append(pytest.param(b, marks=marks, id=b or "cpu"))
-    return out
+    return [pytest.param(b, id=b or "cpu") for b in (BACKENDS if triton else [None])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +265,7 @@ def test_qwen2_mqa_mixed_layers(backend):
     _check_model(qwen2, inputs, keep=keep, label="qwen2 mqa+sliding", backend=backend)
 
 
-@pytest.mark.parametrize("backend", _params("softcap"))
+@pytest.mark.parametrize("backend", _params())
 def test_gemma2_softcap_sliding(backend):
     inputs, keep = _padded(S=9)
     # under the interpreter, generation (the decode path) is checked on Llama and Mistral only
@@ -292,7 +273,7 @@ def test_gemma2_softcap_sliding(backend):
                  generate=backend is None)
 
 
-@pytest.mark.parametrize("backend", _params("sinks"))
+@pytest.mark.parametrize("backend", _params())
 def test_gpt_oss_sinks(backend):
     inputs, keep = _padded(S=9)
     m = gpt_oss()

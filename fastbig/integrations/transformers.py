@@ -163,17 +163,6 @@ def _warn_once(reason: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # What fastbig.ops can do (the feature kwargs land in ops one by one)
 # ---------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _ops_params(fn_name: str) -> frozenset:
-    import importlib
-    ops_attention = importlib.import_module("fastbig.ops.attention")
-    return frozenset(inspect.signature(getattr(ops_attention, fn_name)).parameters)
-
-
-def _ops_has(feature: str, varlen: bool = False) -> bool:
-    return feature in _ops_params("attention_varlen" if varlen else "attention")
-
-
 # ---------------------------------------------------------------------------------------------
 # Eager functions: which one is the stock, and is it verified
 # ---------------------------------------------------------------------------------------------
@@ -515,10 +504,10 @@ def _stock_call(stock, module, query, key, value, attention_mask, kwargs):
     return fn(module, query, key, value, attention_mask, **kwargs)
 
 
-def _window_for(info_lo, info_hi, diag, Sq, Sk, allow_bottom_right):
+def _window_for(info_lo, info_hi, diag, Sq, Sk):
     """(causal, window, bottom_right) for fastbig with allowed lo <= j - (i + diag) <= hi."""
     offs = [0]
-    if allow_bottom_right and Sk - Sq != 0:
+    if Sk - Sq != 0:
         offs = [Sk - Sq, 0] if diag == Sk - Sq else [0, Sk - Sq]
     for off in offs:
         left = None if info_lo is None else off - diag - info_lo
@@ -600,13 +589,9 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
     feats = {}
     softcap = kwargs.get("softcap", None)
     if softcap is not None and float(softcap) != 0.0:
-        if not _ops_has("softcap"):
-            raise _HandBack("softcap: fastbig.ops.attention has no softcap yet")
         feats["softcap"] = float(softcap)
     sinks = kwargs.get("s_aux", None)
     if sinks is not None:
-        if not _ops_has("sinks"):
-            raise _HandBack("s_aux (sinks): fastbig.ops.attention has no sinks yet")
         if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != Hq:
             raise _HandBack(f"s_aux of shape {tuple(getattr(sinks, 'shape', ()))} (fastbig's sinks "
                             f"are one logit per query head, [{Hq}])")
@@ -660,8 +645,7 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
             return _packed(query, key, value, info, cu_kw, common, attention_varlen)
         if has_cu:
             raise _HandBack("cu_seq_lens_* without a packed mask (the stock path ignores them)")
-        causal, window, bottom_right = _window_for(info.lo, info.hi, info.diag, Sq, Sk,
-                                                   _ops_has("bottom_right"))
+        causal, window, bottom_right = _window_for(info.lo, info.hi, info.diag, Sq, Sk)
         kpm = None if info.padding is None else ~info.padding.to(query.device)
         extra = {"bottom_right": True} if bottom_right else {}
         return attention(query, key, value, causal=causal, window=window, key_padding_mask=kpm,
@@ -706,15 +690,11 @@ def _packed(query, key, value, info, cu_kw, common, attention_varlen):
         if not ok or any(m is not None and int(m) < max_len for m in (mq, mk)):
             raise _HandBack("cu_seq_lens_* that disagree with the packing in the mask (from "
                             "position_ids); the stock path follows the mask")
-    causal, window, _ = _window_for(info.lo, info.hi, 0, max_len, max_len, False)
+    causal, window, _ = _window_for(info.lo, info.hi, 0, max_len, max_len)
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
     common = dict(common)
-    if common.get("softcap") is not None and not _ops_has("softcap", varlen=True):
-        raise _HandBack("softcap: fastbig.ops.attention_varlen has no softcap yet")
-    if common.get("sinks") is not None and not _ops_has("sinks", varlen=True):
-        raise _HandBack("sinks: fastbig.ops.attention_varlen has no sinks yet")
     out = attention_varlen(q, k, v, cu, cu, max_len, max_len, causal=causal, window=window, **common)
     return out.reshape(B, S, Hq, D).transpose(1, 2)
 
