@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
-from ..ops._checks import DtypeError
+from ..errors import DtypeError
 from ..ops.lstm import lstm_cell_step_unchecked
 
 __all__ = ["LSTM", "LSTMCell"]
