@@ -1,15 +1,20 @@
 """The LSTM ops, whole life in one file: registration (schemas in csrc/registration.cpp),
 fake impls, autograd, input checks and dispatch to _C or the reference.
 
-    lstm_cell(gates, c_prev) -> (h, c)      one fused pointwise step from pre-activation gates
+    lstm_cell_pointwise(gates, c_prev) -> (h, c)
+                                            the cell's pointwise part, fused: activations and
+                                            state update from pre-activation gates (schema
+                                            fastbig::lstm_cell; old name ops.lstm_cell)
     lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh) -> (h, c)
                                             one whole nn.LSTMCell step (GEMMs + cell) as one
                                             op and one autograd node; CPU float32: one OpenMP
                                             team per call, each thread its own single-threaded
                                             GEMMs and the cell of the units it owns; CUDA (and
                                             other CPU dtypes): ATen GEMMs + the fused cell kernels
-    lstm(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
-                                            one whole layer, one direction (csrc/lstm/lstm_layer.h):
+    lstm_layer(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
+                                            one whole layer, one direction (schema
+                                            fastbig::lstm_layer, csrc/lstm/lstm_layer.h; old name
+                                            ops.lstm):
                                             input GEMM for all steps, per step one recurrent GEMM
                                             and one fused pointwise kernel; fused backward.
                                             CPU, float32, batch <= 64, no proj_size: the whole
@@ -80,8 +85,10 @@ def _check_cell(gates, c_prev):
     check_shape(_OP, "c_prev", c_prev, (gates.shape[0], gates.shape[1] // 4))
 
 
-def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor):
-    """One fused LSTM step: pre-activation gates [B, 4H] (i, f, g, o) and c_prev [B, H] -> (h, c)."""
+def lstm_cell_pointwise(gates: torch.Tensor, c_prev: torch.Tensor):
+    """The pointwise part of one LSTM step, fused: pre-activation gates [B, 4H] (i, f, g, o), the
+    GEMMs already done, and c_prev [B, H] -> (h, c). (A whole nn.LSTMCell step, GEMMs included,
+    is lstm_cell_step.)"""
     _check_cell(gates, c_prev)
     if backends.extension_backend(_OP, gates.device, "lstm_cell") == "reference":
         return ref.lstm_cell_pointwise(gates, c_prev)
@@ -272,7 +279,7 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
                              f"B={B} and sum to x.size(0)={x.shape[0]}; got {bs}")
 
 
-def lstm(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False):
+def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False):
     """One LSTM layer, one direction, torch.nn gate order (i, f, g, o).
 
     x: [T, B, I] time-major, or a PackedSequence's data [N, I] with its ``batch_sizes`` (int64
@@ -304,3 +311,9 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=
     if unpacked:
         y = y.view(x.shape[0], x.shape[1], y.shape[1])
     return y, h_n, c_n
+
+
+# The old names, kept for code that has them: lstm_cell was easily taken for nn.LSTMCell's op
+# (that is lstm_cell_step), and lstm for the whole multi-layer nn.LSTM.
+lstm_cell = lstm_cell_pointwise
+lstm = lstm_layer
