@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import backends
 from .._extension import has_op
 from ..reference import conv_bn_relu as ref
-from ._checks import DtypeError, check_tensor
+from ._checks import DtypeError, check_same, check_tensor
 
 _OP = "conv_bn_act"
 ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2}
@@ -242,9 +242,9 @@ def _onednn_conv_act_ok(x, weight, bias, padding, transposed) -> bool:
         return False
     if x.is_contiguous():  # (a channels_last weight would make torch's conv write channels_last)
         one_by_one = tuple(weight.shape[-2:]) == (1, 1)
-        # oneDNN reorders the dense weight on every call: below ~50 MFLOP that costs more than the
-        # separate activation pass it saves (measured 1 thread, N1 C64 7x7 3x3: 147 us vs 98 us for
-        # torch's conv + relu_; even at N1 C64 28x28). Stride-1 estimate: 2 * N * H * W * |weight|.
+        # oneDNN reorders the dense weight on every call: below _ONEDNN_MIN_FLOP that costs more
+        # than the separate activation pass it saves (torch's conv + relu_ win there).
+        # Stride-1 estimate: 2 * N * H * W * |weight|.
         small = 2 * x.shape[0] * x.shape[2] * x.shape[3] * weight.numel() < _ONEDNN_MIN_FLOP
         return weight.is_contiguous() and not small and not (one_by_one and not transposed
                                                              and torch.get_num_threads() == 1)
@@ -271,11 +271,10 @@ def onednn_pack_conv_weight(weight, stride, padding, dilation, groups, input_siz
     """``weight`` reordered once into the blocked layout oneDNN's conv picks for inputs of
     ``input_size`` (an opaque mkldnn tensor, for _onednn_conv_act only). Worth it for channels_last
     inputs (a packed weight makes oneDNN write channels_last output, so NCHW inputs keep the dense
-    weight): measured here, 1x1 C64->64 56x56 N8 2.8 ms vs 4.5 ms with the dense weight, which
-    oneDNN reorders on every call."""
+    weight): the dense weight, which oneDNN reorders on every call, is the slower there."""
     with torch.no_grad():
-        return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), _pair(padding), _pair(stride), _pair(dilation),
-                                                           groups, list(input_size))
+        return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), _pair(padding), _pair(stride),
+                                                            _pair(dilation), groups, list(input_size))
 
 
 def _conv1x1_act_ok(x, weight, bias, stride, padding, dilation, groups, transposed) -> bool:
@@ -283,8 +282,7 @@ def _conv1x1_act_ok(x, weight, bias, stride, padding, dilation, groups, transpos
     not transposed) on CPU float32/float64 without autograd, torch built with MKL (the op calls
     the BLAS GEMM torch exports), not under torch.compile, backend not forced to the reference.
     NCHW inputs only: for channels_last, oneDNN's prepacked conv with the activation post-op is
-    faster (measured N8 C64->64 56x56: 2.87 vs 3.00 ms at 1 thread, 1.47 vs 1.72 ms at 2), so
-    those stay with _onednn_conv_act (the op itself takes channels_last too)."""
+    faster, so those stay with _onednn_conv_act (the op itself takes channels_last too)."""
     if torch.compiler.is_compiling() or transposed or groups != 1 or x.device.type != "cpu":
         return False
     if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
@@ -468,14 +466,7 @@ def _check_conv(x, conv_weight, conv_bias, groups, transposed, stride=1, dilatio
     check_tensor(op, wn, conv_weight, dim=4)
     if conv_bias is not None:
         check_tensor(op, bn, conv_bias, dim=1)
-    for name, t in ((wn, conv_weight), (bn, conv_bias)):
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}; "
-                               f"expected all tensors on one device")
-        if t.dtype != x.dtype:
-            raise DtypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}; expected one dtype")
+    check_same(op, "x", x, **{wn: conv_weight, bn: conv_bias})
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
     _check_output_padding(output_padding, stride, dilation, transposed, op)
