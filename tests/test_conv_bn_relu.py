@@ -939,6 +939,10 @@ def test_conv_act_checks_name_its_arguments():
         fastbig.ops.conv_act(x, w, activation="gelu")
     with pytest.raises(ValueError, match="padding_mode must be"):
         fastbig.ops.conv_act(x, w, padding_mode="mirror")
+    # the block runs the unchecked form, which still checks a transposed conv's output_padding
+    block = ConvTransposeBnReLU2d(3, 4, 3, stride=1, output_padding=1).eval()
+    with pytest.raises(RuntimeError, match="output_padding must be >= 0 and smaller than either stride"):
+        block(randn(1, 3, 5, 5))
 
 
 def test_conv_act_calls_packed_only_on_the_prepacked_onednn_path(monkeypatch):

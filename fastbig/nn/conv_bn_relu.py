@@ -11,7 +11,8 @@ either way. ``forward`` runs ``fastbig.ops.conv_bn_act``:
 - eval with running statistics: BatchNorm folded into the conv weight and bias, cached here and
   recomputed when any of conv.weight/bias, bn.weight/bias/running_mean/running_var (their
   ``_version`` or storage) or bn.eps changes; then ``fastbig.ops.conv_act`` (which path runs is
-  its choice), given the folded weight prepacked for oneDNN, also cached here.
+  its choice; its unchecked form, the layers were checked when built), given the folded weight
+  prepacked for oneDNN, also cached here.
 """
 from __future__ import annotations
 
@@ -175,10 +176,11 @@ class _ConvBnAct(nn.Sequential):
         w, b = self._folded()
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: input must be 4-D [N, C, H, W], got {x.dim()}-D")
-        return _ops.conv_act(x, w, b, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                             groups=conv.groups, transposed=self._transposed,
-                             output_padding=getattr(conv, "output_padding", 0), padding_mode=conv.padding_mode,
-                             activation=activation, negative_slope=slope, packed=lambda: self._packed(x, w))
+        return _ops.conv_act_unchecked(x, w, b, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                       groups=conv.groups, transposed=self._transposed,
+                                       output_padding=getattr(conv, "output_padding", 0),
+                                       padding_mode=conv.padding_mode, activation=activation, negative_slope=slope,
+                                       packed=lambda: self._packed(x, w))
 
 
 def _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,

@@ -388,6 +388,19 @@ def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     _check_conv(x, weight, bias, groups, transposed, stride, dilation, output_padding, op="conv_act",
                 names=("weight", "bias"))
     _check_activation(activation, negative_slope, op="conv_act")
+    return conv_act_unchecked(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
+                              activation=activation, negative_slope=negative_slope, packed=packed)
+
+
+def conv_act_unchecked(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, transposed=False,
+                       output_padding=0, padding_mode="zeros", activation="relu", negative_slope=0.01, packed=None):
+    """conv_act without its Python argument checks, for a caller that has them from elsewhere:
+    fastbig.nn's blocks, whose layers were checked when built (torch's conv still raises its own
+    errors for inputs that do not fit). On a small input the checks are a tenth of an eval step.
+    A transposed conv's output_padding is still checked: oneDNN would take a wrong one silently."""
+    if transposed:
+        _check_output_padding(output_padding, stride, dilation, True)
     if padding_mode != "zeros":
         if transposed:
             raise ValueError(f"conv_act: padding_mode must be 'zeros' for a transposed conv (as "
