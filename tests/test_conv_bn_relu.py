@@ -103,8 +103,8 @@ BLOCKS = {
                         (9, 8)),
     "bn_only_dilated": (ConvBn2d, 4, 7, 3, dict(padding=2, dilation=2, bias=True), (6, 6)),
     "transposed_dcgan": (ConvTransposeBnReLU2d, 8, 5, 4, dict(stride=2, padding=1), (4, 5)),
-    "transposed_groups": (ConvTransposeBnReLU2d, 4, 6, 3, dict(stride=2, output_padding=1, groups=2,
-                                                                bias=True), (3, 3)),
+    "transposed_groups": (ConvTransposeBnReLU2d, 4, 6, 3, dict(stride=2, output_padding=1, groups=2, bias=True),
+                          (3, 3)),
     "hw1": (ConvBnReLU2d, 4, 6, 1, dict(), (1, 1)),
 }
 
@@ -735,8 +735,8 @@ def test_cpu_low_precision_and_float64_kernels(dtype):
     assert y.dtype == dtype
     assert_close(y, y64, dtype)
     dy = randn(*y.shape, dtype=dtype)
-    for a, r, n in zip(torch.autograd.grad(y, (z, w, b), dy), torch.autograd.grad(y64, (z64, w64, b64),
-                                                                                   dy.double()), "zwb"):
+    grads64 = torch.autograd.grad(y64, (z64, w64, b64), dy.double())
+    for a, r, n in zip(torch.autograd.grad(y, (z, w, b), dy), grads64, "zwb"):
         assert_close(a, r, dtype, name=f"grad {n}")
 
 

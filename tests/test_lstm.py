@@ -305,13 +305,14 @@ def test_lstm_float64_gradcheck_layer_op():
     for reverse in (False, True):
         with fastbig.backends.use("cpu"):
             assert torch.autograd.gradcheck(
-                lambda *a: fastbig.ops.lstm_layer(*a, batch_sizes=bs, reverse=reverse), args, eps=1e-6, atol=1e-7, fast_mode=True)
+                lambda *a: fastbig.ops.lstm_layer(*a, batch_sizes=bs, reverse=reverse), args, eps=1e-6, atol=1e-7,
+                fast_mode=True)
     x3 = randn(4, 2, I, dtype=F64, requires_grad=True)
     no_proj = [x3, randn(2, H, dtype=F64, requires_grad=True), randn(2, H, dtype=F64, requires_grad=True),
                randn(4 * H, I, dtype=F64, requires_grad=True), randn(4 * H, H, dtype=F64, requires_grad=True)]
     with fastbig.backends.use("cpu"):
-        assert torch.autograd.gradcheck(lambda *a: fastbig.ops.lstm_layer(*a, reverse=True), no_proj, eps=1e-6, atol=1e-7,
-                                        fast_mode=True)
+        assert torch.autograd.gradcheck(lambda *a: fastbig.ops.lstm_layer(*a, reverse=True), no_proj, eps=1e-6,
+                                        atol=1e-7, fast_mode=True)
 
 
 def _layer_args(dtype=F64, device="cpu", proj=True, packed=True, grad=True):
@@ -486,7 +487,7 @@ def test_bad_inputs_raise_clear_errors():
         # device mismatch, checked before any kernel runs
         with pytest.raises(RuntimeError, match="h0 is on meta but x is on cpu"):
             fastbig.ops.lstm_layer(randn(5, 3, 10), torch.empty(3, 20, device="meta"), randn(3, 20),
-                             randn(80, 10), randn(80, 20))
+                                   randn(80, 10), randn(80, 20))
         # a PackedSequence whose batch_sizes do not fit its data / its order
         data = randn(9, 10)
         for bad in ([3, 3, 2], [2, 3, 3, 1], [3, 3, 3, 0]):
@@ -494,7 +495,7 @@ def test_bad_inputs_raise_clear_errors():
                 fm(PackedSequence(data, torch.tensor(bad)))
         with pytest.raises(TypeError, match="batch_sizes must be an int64 CPU tensor"):
             fastbig.ops.lstm_layer(data, randn(3, 20), randn(3, 20), randn(80, 10), randn(80, 20),
-                             batch_sizes=torch.tensor([3, 3, 3], dtype=torch.int32))
+                                   batch_sizes=torch.tensor([3, 3, 3], dtype=torch.int32))
         with pytest.raises(ValueError, match="w_hh must have shape \\(80, 20\\), got \\(80, 21\\)"):
             fastbig.ops.lstm_layer(randn(5, 3, 10), randn(3, 20), randn(3, 20), randn(80, 10), randn(80, 21))
         # the C++ op itself (called directly) refuses too, with a message

@@ -202,9 +202,10 @@ def _leak_case(op):
 
 
 # Iterations (one thread): 10k forward+backward steps of each op, as the reliability issue asks;
-# a tiny step's cost is mostly autograd's Python overhead. The bound scales with the count (20 MiB per 10k steps, at least
-# 4 MiB for allocator noise), i.e. it catches > ~2 KB leaked per step. The Triton interpreter
-# is slow per step: 10 steps there check the launch path, not a long run.
+# a tiny step's cost is mostly autograd's Python overhead. The bound scales with the count
+# (20 MiB per 10k steps, at least 4 MiB for allocator noise), i.e. it catches > ~2 KB leaked per
+# step. The Triton interpreter is slow per step: 10 steps there check the launch path, not a
+# long run.
 LEAK_ITERS = {"lstm_cell": 10_000, "lstm": 10_000, "conv_bn_act": 10_000, "attention": 10_000,
               "attention_triton": 10}
 
