@@ -1,0 +1,148 @@
+"""fastbig's own CPU flash attention (csrc/attention/): registration glue and the ``auto`` rule.
+
+- ``torch.ops.fastbig.attention_cpu_fwd`` / ``attention_cpu_bwd`` are C++ ops (schemas in
+  csrc/registration.cpp). Here: their fake impls, the autograd formula (dq, dk, dv, the additive
+  mask's gradient summed to the mask's own broadcast shape, the sinks' gradient
+  dsink_h = -sum_{b,i} exp(sink_h - lse) * Delta), and ``run`` that ops/attention.py calls.
+- ``use_ours``: the ``auto`` decision between this kernel and PyTorch's SDPA CPU kernel, from the
+  measured table ``_WINS`` below (never a guess); ``FASTBIG_BACKEND=cpu`` does not force SDPA, it
+  forces this kernel wherever it can take the inputs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .. import _extension, backends
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available() -> bool:
+    return _extension.has_op("attention_cpu_fwd") and _extension.has_op("attention_cpu_bwd")
+
+
+if available():
+    @torch.library.register_fake("fastbig::attention_cpu_fwd")
+    def _fwd_fake(q, k, v, attn_mask, key_padding_mask, sinks, alibi_slopes, scale, softcap,
+                  window_left, window_right, bottom_right):
+        out = q.new_empty(q.shape)
+        lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("fastbig::attention_cpu_bwd")
+    def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, sinks, alibi_slopes,
+                  scale, softcap, window_left, window_right, bottom_right, mask_grad):
+        mg = mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
+        B, Hq, Sq, _ = q.shape
+        dmask = q.new_empty((B, Hq, Sq, k.shape[2]) if mg else (0,), dtype=torch.float32)
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask,
+                q.new_empty((B, Hq, Sq), dtype=torch.float32))
+
+    def _setup(ctx, inputs, output):
+        (q, k, v, attn_mask, kpm, sinks, alibi, scale, softcap, wl, wr, br) = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, kpm, sinks, alibi)
+        ctx.args = (scale, softcap, wl, wr, br)
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, attn_mask, kpm, sinks, alibi = ctx.saved_tensors
+        scale, softcap, wl, wr, br = ctx.args
+        none = (None,) * 12
+        if grad_out is None:
+            return none
+        mask_grad = (attn_mask is not None and attn_mask.dtype != torch.bool
+                     and ctx.needs_input_grad[3])
+        dq, dk, dv, dmask, delta = torch.ops.fastbig.attention_cpu_bwd(
+            grad_out, q, k, v, out, lse, attn_mask, kpm, sinks, alibi, scale, softcap, wl, wr, br,
+            mask_grad)
+        gmask = dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
+        gsinks = None
+        if sinks is not None and ctx.needs_input_grad[5]:
+            w = torch.exp(sinks.float()[None, :, None] - lse) * delta
+            gsinks = (-w.sum(dim=(0, 2))).to(sinks.dtype)
+        return dq, dk, dv, gmask, None, gsinks, None, None, None, None, None, None
+
+    torch.library.register_autograd("fastbig::attention_cpu_fwd", _backward, setup_context=_setup)
+
+
+def supports(q, dropout_p) -> tuple[bool, str]:
+    """Can this kernel take the call at all?"""
+    if not available():
+        return False, "fastbig._C has no attention_cpu op"
+    if q.dtype not in _DTYPES:
+        return False, f"the CPU kernel takes float32/bfloat16/float16, got {q.dtype}"
+    if dropout_p > 0:
+        return False, "the CPU kernel has no dropout"
+    if q.numel() == 0:
+        return False, "empty q"
+    return True, ""
+
+
+# ---- the measured `auto` table --------------------------------------------------------------
+# (dtype, kind) -> list of (max_threads, min_work, max_work): ours wins for thread counts up to
+# max_threads when min_work <= Sq*Sk*D*B*Hq/1e6 < max_work. kind: "decode" (Sq <= 8),
+# "causal" (a causal or windowed call without a mask), "full" (anything else).
+# Filled from tools/bench runs of this worktree (see the module docstring of the bench case);
+# an entry not listed means SDPA.
+_INF = float("inf")
+_WINS = {
+    (torch.float32, "decode"): [(2, 0.0, _INF)],
+    (torch.float32, "causal"): [(2, 0.0, _INF)],
+    (torch.float32, "full"): [(2, 0.0, _INF)],
+    (torch.bfloat16, "decode"): [(2, 0.0, _INF)],
+    (torch.bfloat16, "causal"): [(2, 0.0, _INF)],
+    (torch.bfloat16, "full"): [(2, 0.0, _INF)],
+    (torch.float16, "decode"): [(2, 0.0, _INF)],
+    (torch.float16, "causal"): [(2, 0.0, _INF)],
+    (torch.float16, "full"): [(2, 0.0, _INF)],
+}
+
+
+def _kind(Sq, left, right, attn_mask, key_padding_mask) -> str:
+    if Sq <= 8:
+        return "decode"
+    if attn_mask is None and key_padding_mask is None and right == 0:
+        return "causal"
+    return "full"
+
+
+def use_ours(q, k, left, right, attn_mask, key_padding_mask, dropout_p, *, needs_ours=False) -> bool:
+    """True when this kernel should run instead of SDPA on CPU tensors.
+
+    needs_ours: the call has a feature SDPA lacks (softcap, sinks, ALiBi, bottom_right): then
+    ours runs whenever it can take the inputs."""
+    ok, _ = supports(q, dropout_p)
+    if not ok:
+        return False
+    if needs_ours or os.environ.get("FASTBIG_CPU_ATTENTION", "") == "ours":
+        return True
+    if os.environ.get("FASTBIG_CPU_ATTENTION", "") == "sdpa":
+        return False
+    B, Hq, Sq, D = q.shape
+    work = B * Hq * Sq * k.shape[2] * D / 1e6
+    nt = torch.get_num_threads()
+    for max_t, lo, hi in _WINS.get((q.dtype, _kind(Sq, left, right, attn_mask, key_padding_mask)), ()):
+        if nt <= max_t and lo <= work < hi:
+            return True
+    return False
+
+
+def run(q, k, v, left, right, attn_mask, key_padding_mask, scale, return_lse, *,
+        softcap: Optional[float] = None, sinks=None, alibi_slopes=None, bottom_right=False):
+    """The kernel through its custom op (differentiable in q, k, v, an additive attn_mask and
+    sinks). scale None = 1/sqrt(D)."""
+    D = q.shape[-1]
+    scale_f = (D ** -0.5) if scale is None else float(scale)
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.detach()
+    out, lse = torch.ops.fastbig.attention_cpu_fwd(
+        q, k, v, attn_mask, key_padding_mask, sinks, alibi_slopes, scale_f,
+        float(softcap or 0.0), int(left), int(right), bool(bottom_right))
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["available", "supports", "use_ours", "run", "backends"]
