@@ -107,3 +107,70 @@ def test_varlen_equals_per_sequence_calls():
         exp = F.scaled_dot_product_attention(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None],
                                              v[ks].transpose(0, 1)[None], is_causal=True, enable_gqa=True)
         _same(out[qs], exp[0].transpose(0, 1))
+
+
+# ---- the features of the models people run: each against its own first-principles form ----
+def test_softcap_is_gemmas_formula():
+    q, k, v = _qkv()
+    s = torch.matmul(q, k.transpose(-2, -1)) * 0.25
+    s = 5.0 * torch.tanh(s / 5.0)
+    exp = torch.matmul(torch.softmax(s, -1), v)
+    _same(ref.attention(q, k, v, scale=0.25, softcap=5.0), exp)
+    _same(ref.attention(q, k, v, softcap=0.0), ref.attention(q, k, v))  # 0 = off (flash-attn)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks_are_gpt_oss_concatenated_softmax(causal):
+    """GPT-OSS: softmax over [scores, sink] with the sink column dropped afterwards."""
+    q, k, v = _qkv(Hq=4, Hkv=2, Sq=9, Sk=9)
+    sinks = randn(4, dtype=torch.float64, requires_grad=True)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = torch.matmul(q, kk.transpose(-2, -1)) / 4.0
+    if causal:
+        s = s.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+    cat = torch.cat([s, sinks.reshape(1, 4, 1, 1).expand(2, 4, 9, 1)], dim=-1)
+    p = torch.softmax(cat, dim=-1)[..., :-1]
+    exp = torch.matmul(p, vv)
+    out, lse = ref.attention(q, k, v, causal=causal, sinks=sinks, return_lse=True)
+    _same(out, exp)
+    _same(lse, torch.logsumexp(cat, dim=-1))
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, sinks), do),
+                    torch.autograd.grad(exp, (q, k, v, sinks), do)):
+        _same(a, b)
+
+
+def test_sinks_on_a_fully_masked_row_give_zero_and_lse_the_sink():
+    q, k, v = _qkv(B=1, Hq=2, Hkv=2, Sq=3, Sk=4)
+    sinks = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1] = False
+    out, lse = ref.attention(q, k, v, attn_mask=mask, sinks=sinks, return_lse=True)
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    assert torch.equal(lse[0, :, 1], sinks)
+
+
+@pytest.mark.parametrize("Sq,Sk,bottom_right", [(7, 7, False), (5, 12, True), (5, 12, False)])
+def test_alibi_is_its_additive_bias(Sq, Sk, bottom_right):
+    """-slope * |i + off - j| (flash-attn's convention; off = Sk - Sq when bottom-right)."""
+    q, k, v = _qkv(Sq=Sq, Sk=Sk)
+    slopes = torch.rand(2, 4, dtype=torch.float64)
+    off = Sk - Sq if bottom_right else 0
+    dist = (torch.arange(Sq)[:, None] + off - torch.arange(Sk)[None, :]).abs().double()
+    bias = -slopes[:, :, None, None] * dist
+    _same(ref.attention(q, k, v, alibi_slopes=slopes, bottom_right=bottom_right),
+          ref.attention(q, k, v, attn_mask=bias))
+    _same(ref.attention(q, k, v, alibi_slopes=slopes[0], bottom_right=bottom_right),
+          ref.attention(q, k, v, attn_mask=bias[0]))  # [Hq] slopes: one bias for every batch
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 9), (4, 9), (9, 9)])
+def test_bottom_right_causal_is_a_kv_cache(Sq, Sk):
+    """Sq new queries after Sk - Sq cached keys: query i sees keys j <= i + Sk - Sq, which is
+    SDPA's mask tril(Sk - Sq) (torch's causal_lower_right)."""
+    q, k, v = _qkv(Sq=Sq, Sk=Sk)
+    tril = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)
+    _compare(q, k, v, {"causal": True, "bottom_right": True}, {"attn_mask": tril})
+    # a window is aligned the same way
+    win = tril & torch.ones(Sq, Sk, dtype=torch.bool).triu(Sk - Sq - 2)
+    _compare(q, k, v, {"causal": True, "window": (2, 0), "bottom_right": True}, {"attn_mask": win})

@@ -2,7 +2,7 @@
 the Triton kernels (fake impls + autograd), and the CPU path.
 
     attention(q, k, v, *, causal, window, attn_mask, key_padding_mask, dropout_p, scale,
-              return_lse) -> out [, lse]
+              return_lse, softcap, sinks, alibi_slopes, bottom_right) -> out [, lse]
     attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
 
 Backends (fastbig.backends):
@@ -18,7 +18,8 @@ Backends (fastbig.backends):
 
 Conventions are the reference's: causal top-left (SDPA), window (left, right) with None/-1 =
 unbounded, bool attn_mask True = attend, key_padding_mask True = padded key, fully masked rows
-give 0. The log-sum-exp is returned for inspection only (not differentiable).
+give 0. The log-sum-exp is returned for inspection only (not differentiable). The features of
+the models people run (softcap, sinks, ALiBi, bottom-right alignment) are defined there too.
 """
 from __future__ import annotations
 
@@ -161,6 +162,50 @@ def _check_heads(op, Hq, Hkv):
                          f"(Hq % Hkv == 0), got Hq={Hq} and Hkv={Hkv}")
 
 
+class _Features:
+    """softcap / sinks / alibi_slopes / bottom_right, checked. ``names`` lists the ones in use."""
+
+    __slots__ = ("softcap", "sinks", "alibi_slopes", "bottom_right", "names")
+
+    def __init__(self, op, q, Hq, B, softcap, sinks, alibi_slopes, bottom_right):
+        if softcap is not None:
+            if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+                raise TypeError(f"{op}: softcap must be a float (> 0; 0 or None = off), "
+                                f"got {type(softcap).__name__}")
+            if not (float(softcap) >= 0.0 and math.isfinite(float(softcap))):
+                raise ValueError(f"{op}: softcap must be a finite float >= 0 (0 or None = off), "
+                                 f"got {softcap!r}")
+        self.softcap = float(softcap) if softcap else 0.0
+        if sinks is not None:
+            check_tensor(op, "sinks", sinks, dim=1)
+            if sinks.shape[0] != Hq:
+                raise ValueError(f"{op}: sinks must have shape ({Hq},) = [Hq], one logit per query "
+                                 f"head, got {tuple(sinks.shape)}")
+            if sinks.device != q.device:
+                raise RuntimeError(f"{op}: sinks is on {sinks.device} but q is on {q.device}")
+        self.sinks = sinks
+        if alibi_slopes is not None:
+            check_tensor(op, "alibi_slopes", alibi_slopes, dim=(1, 2))
+            exp = (Hq,) if alibi_slopes.dim() == 1 else (B, Hq)
+            if tuple(alibi_slopes.shape) != exp:
+                raise ValueError(f"{op}: alibi_slopes must have shape [Hq] = ({Hq},) or [B, Hq] = "
+                                 f"({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
+            if alibi_slopes.device != q.device:
+                raise RuntimeError(f"{op}: alibi_slopes is on {alibi_slopes.device} but q is on "
+                                   f"{q.device}")
+        self.alibi_slopes = alibi_slopes
+        if not isinstance(bottom_right, bool):
+            raise TypeError(f"{op}: bottom_right must be a bool, got {type(bottom_right).__name__}")
+        self.bottom_right = bottom_right
+        self.names = tuple(n for n, on in (("softcap", self.softcap > 0), ("sinks", sinks is not None),
+                                           ("alibi_slopes", alibi_slopes is not None),
+                                           ("bottom_right", bottom_right)) if on)
+
+    def reference_kwargs(self):
+        return dict(softcap=self.softcap or None, sinks=self.sinks, alibi_slopes=self.alibi_slopes,
+                    bottom_right=self.bottom_right)
+
+
 def _check_inputs(q, k, v, attn_mask, key_padding_mask):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(_OP, name, t, dim=4)
@@ -220,15 +265,37 @@ def _triton_ok(q, D, dropout_p, Sq, Sk) -> Tuple[bool, str]:
     return True, ""
 
 
-def _backend(q, D, dropout_p, Sq, Sk, *, cpu_ok=(True, "")) -> str:
+# The features of _Features that the Triton kernels implement.
+_TRITON_FEATURES = frozenset()
+
+
+def _backend(q, D, dropout_p, Sq, Sk, *, cpu_ok=(True, ""), feats=None) -> str:
     fast = {}
+    triton_ok = None
+    if q.device.type == "cuda" or backends.current() == "triton":
+        triton_ok = _triton_ok(q, D, dropout_p, Sq, Sk)
+        missing = [n for n in (feats.names if feats else ()) if n not in _TRITON_FEATURES]
+        if triton_ok[0] and missing:
+            triton_ok = (False, f"the Triton kernel has no {', '.join(missing)}")
     if q.device.type == "cuda":
-        fast["triton"] = _triton_ok(q, D, dropout_p, Sq, Sk)
+        fast["triton"] = triton_ok
     elif q.device.type == "cpu":
         fast["cpu"] = cpu_ok
         if backends.current() == "triton":  # the interpreter is for CI, never auto's choice
-            fast["triton"] = _triton_ok(q, D, dropout_p, Sq, Sk)
+            fast["triton"] = triton_ok
     return backends.resolve(_OP, q.device, fast=fast)
+
+
+def _cpu_ok(feats, return_lse, dropout_p) -> Tuple[bool, str]:
+    """Whether the CPU path (PyTorch's SDPA kernel, fastbig's conventions folded into its mask)
+    takes these inputs."""
+    if return_lse and dropout_p > 0:
+        return False, "the SDPA CPU kernel cannot return the log-sum-exp with dropout"
+    if feats.softcap > 0 or feats.sinks is not None:
+        return False, "the SDPA CPU kernel has no logit softcap or attention sinks"
+    if feats.alibi_slopes is not None and feats.alibi_slopes.requires_grad:
+        return False, "alibi_slopes that require grad (the reference is differentiable)"
+    return True, ""
 
 
 def _new_seed():
@@ -248,16 +315,19 @@ def _q_has_nan(q) -> bool:
     return bool(torch.isnan(q.sum(dtype=acc)))
 
 
-def _reference(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale, return_lse):
+def _reference(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale, return_lse,
+               feats=None):
     keep = None
     if dropout_p > 0:
         keep = torch.rand(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device) >= dropout_p
     return ref.attention(q, k, v, window=(left, right), attn_mask=attn_mask,
                          key_padding_mask=key_padding_mask, dropout_p=float(dropout_p),
-                         dropout_keep=keep, scale=scale, return_lse=return_lse)
+                         dropout_keep=keep, scale=scale, return_lse=return_lse,
+                         **(feats.reference_kwargs() if feats is not None else {}))
 
 
-def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale, return_lse):
+def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale, return_lse,
+              alibi_slopes=None, bottom_right=False):
     """PyTorch's SDPA CPU kernel with fastbig's mask conventions folded into one mask.
 
     float16/bfloat16 run in float32 and round once at the end: on CPU that is both faster (about
@@ -265,13 +335,19 @@ def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scal
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         res = _sdpa_cpu(q.float(), k.float(), v.float(), left, right, attn_mask, key_padding_mask,
-                        dropout_p, scale, return_lse)
+                        dropout_p, scale, return_lse, alibi_slopes, bottom_right)
         return (res[0].to(dtype), res[1]) if return_lse else res.to(dtype)
     Sq, Sk = q.shape[2], k.shape[2]
-    causal = left < 0 and right == 0 and attn_mask is None and key_padding_mask is None
     mask = attn_mask
+    if alibi_slopes is not None:  # an additive bias; bool masks become -inf where False
+        bias = ref.alibi_bias(alibi_slopes.to(q.dtype), Sq, Sk, bottom_right=bottom_right)
+        mask = bias if mask is None else (torch.where(mask, bias, float("-inf"))
+                                          if mask.dtype == torch.bool else mask.to(q.dtype) + bias)
+    causal = (left < 0 and right == 0 and mask is None and key_padding_mask is None
+              and (not bottom_right or Sq == Sk))
     if not causal:
-        pos = ref.allowed_positions(Sq, Sk, window=(left, right), device=q.device)
+        pos = ref.allowed_positions(Sq, Sk, window=(left, right), device=q.device,
+                                    bottom_right=bottom_right)
         if pos is not None:
             mask = pos if mask is None else (mask & pos if mask.dtype == torch.bool
                                              else torch.where(pos, mask, float("-inf")))
@@ -314,13 +390,19 @@ def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scal
 
 
 def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding_mask=None,
-              dropout_p=0.0, scale=None, return_lse=False):
+              dropout_p=0.0, scale=None, return_lse=False, softcap=None, sinks=None,
+              alibi_slopes=None, bottom_right=False):
     """Flash attention. q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] with Hq % Hkv == 0.
 
-    causal: top-left aligned (SDPA's is_causal). window: (left, right), query i sees keys
-    i-left..i+right (None/-1 = unbounded). attn_mask: bool (True = attend) or additive float,
-    broadcastable as [B|1, Hq|1, Sq, Sk]. key_padding_mask: bool [B, Sk], True = padded key.
-    dropout_p: applied whenever > 0 (as SDPA). scale: default 1/sqrt(D).
+    causal: top-left aligned (SDPA's is_causal) unless bottom_right. window: (left, right),
+    query i sees keys i-left..i+right (None/-1 = unbounded). attn_mask: bool (True = attend) or
+    additive float, broadcastable as [B|1, Hq|1, Sq, Sk]. key_padding_mask: bool [B, Sk], True =
+    padded key. dropout_p: applied whenever > 0 (as SDPA). scale: default 1/sqrt(D).
+    softcap: scores become softcap * tanh(scores / softcap) (Gemma 2); None/0 = off.
+    sinks: float [Hq], a learned logit per head in the softmax denominator (GPT-OSS); gets a
+    gradient. alibi_slopes: fp32 [Hq] or [B, Hq], adds -slope * |i + off - j| (BLOOM, MPT).
+    bottom_right: causal and window aligned to the bottom-right corner, off = Sk - Sq (a KV
+    cache: query i is at key position i + Sk - Sq).
     Returns out [B, Hq, Sq, D] (and lse [B, Hq, Sq] fp32 if return_lse; not differentiable).
     """
     _check_inputs(q, k, v, attn_mask, key_padding_mask)
@@ -328,21 +410,20 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
     left, right = _window(causal, window)
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
+    feats = _Features(_OP, q, Hq, B, softcap, sinks, alibi_slopes, bottom_right)
     scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)  # D=0: empty output
-    cpu_ok = (True, "")
-    if return_lse and dropout_p > 0:
-        cpu_ok = (False, "the SDPA CPU kernel cannot return the log-sum-exp with dropout")
-    elif q.device.type == "cpu" and _q_has_nan(q):
+    cpu_ok = _cpu_ok(feats, return_lse, dropout_p)
+    if cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
         cpu_ok = (False, "q holds NaN, which the SDPA CPU kernel turns into finite numbers")
-    backend = _backend(q, D, dropout_p, Sq, Sk, cpu_ok=cpu_ok)
+    backend = _backend(q, D, dropout_p, Sq, Sk, cpu_ok=cpu_ok, feats=feats)
     if backend == "cpu" and (q.numel() == 0 or k.numel() == 0):
         backend = "reference"  # SDPA's CPU kernel dies of SIGFPE on Sk == 0; nothing to compute
     if backend == "cpu":
         return _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale,
-                         return_lse)
+                         return_lse, feats.alibi_slopes, feats.bottom_right)
     if backend == "reference":
         return _reference(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale_f,
-                          return_lse)
+                          return_lse, feats)
     seed = _new_seed() if dropout_p > 0 else None
     out, lse = _flash_attn(q, k, v, attn_mask, key_padding_mask, None, None, Sq, Sk, scale_f,
                            left, right, float(dropout_p), seed)
@@ -350,9 +431,12 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                     causal=False, window=None, dropout_p=0.0, scale=None, return_lse=False):
+                     causal=False, window=None, dropout_p=0.0, scale=None, return_lse=False,
+                     softcap=None, sinks=None, alibi_slopes=None, bottom_right=False):
     """Packed sequences, as flash_attn_varlen_func: q [total_q, Hq, D], k/v [total_k, Hkv, D],
     cu_seqlens_* int32 [B + 1] (prefix sums of the lengths), max_seqlen_* the longest lengths.
+    softcap, sinks, alibi_slopes ([Hq] or [B, Hq]) and bottom_right as attention(); bottom_right
+    aligns each sequence on its own (query i of sequence b at key position i + Sk_b - Sq_b).
     Returns out [total_q, Hq, D] (and lse [Hq, total_q] fp32 if return_lse)."""
     op = "attention_varlen"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -393,11 +477,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                  f"({int(cu.diff().max())}), got {mx}")
     left, right = _window(causal, window, op)
     D = q.shape[2]
+    feats = _Features(op, q, q.shape[1], cu_seqlens_q.numel() - 1, softcap, sinks, alibi_slopes,
+                      bottom_right)
     scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)  # D=0: empty output
-    cpu_ok = (True, "")
-    if return_lse and dropout_p > 0:
-        cpu_ok = (False, "the SDPA CPU kernel cannot return the log-sum-exp with dropout")
-    backend = _backend(q, D, dropout_p, max_seqlen_q, max_seqlen_k, cpu_ok=cpu_ok)
+    cpu_ok = _cpu_ok(feats, return_lse, dropout_p)
+    if cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
+        cpu_ok = (False, "q holds NaN, which the SDPA CPU kernel turns into finite numbers")
+    backend = _backend(q, D, dropout_p, max_seqlen_q, max_seqlen_k, cpu_ok=cpu_ok, feats=feats)
     if backend == "triton":
         seed = _new_seed() if dropout_p > 0 else None
         cuq = cu_seqlens_q.to(torch.int32)
@@ -412,9 +498,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         qb = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
         kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        slopes = feats.alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b]
+        fb = _Features(op, q, q.shape[1], 1, feats.softcap, feats.sinks, slopes, feats.bottom_right)
         args = (qb, kb, vb, left, right, None, None, dropout_p, scale_f, return_lse)
         empty = qb.numel() == 0 or kb.numel() == 0  # SDPA's CPU kernel dies on Sk == 0
-        res = _sdpa_cpu(*args) if backend == "cpu" and not empty else _reference(*args)
+        res = (_sdpa_cpu(*args, fb.alibi_slopes, fb.bottom_right) if backend == "cpu" and not empty
+               else _reference(*args, fb))
         o, lse = res if return_lse else (res, None)
         outs.append(o[0].transpose(0, 1))
         if return_lse:
