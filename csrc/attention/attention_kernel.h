@@ -21,7 +21,7 @@ FB_AI v8f vload(const float* p) {
   return r;
 }
 FB_AI void vstore(float* p, v8f x) { std::memcpy(p, &x, sizeof(x)); }
-FB_AI v8f vset(float s) { return v8f{} + s; }
+FB_AI v8f vset(float s) { return v8f{s, s, s, s, s, s, s, s}; }
 FB_AI v8f vfma(v8f a, v8f b, v8f c) {
 #ifdef FB_ATTN_AVX2
   return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
@@ -29,13 +29,14 @@ FB_AI v8f vfma(v8f a, v8f b, v8f c) {
   return a * b + c;
 #endif
 }
-FB_AI v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
 FB_AI float hsum(v8f x) {
   return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
-FB_AI float hmax(v8f x) {
+// Maximum that keeps NaN (a NaN score must make its row NaN, as in the math).
+FB_AI v8f vmax_nan(v8f a, v8f b) { return (b > a) | (b != b) ? b : a; }
+FB_AI float hmax_nan(v8f x) {
   float m = x[0];
-  for (int i = 1; i < 8; ++i) m = x[i] > m ? x[i] : m;
+  for (int i = 1; i < 8; ++i) m = (x[i] > m || x[i] != x[i]) ? x[i] : m;
   return m;
 }
 
@@ -170,9 +171,9 @@ inline void pack_kv_block(const Params& p, int64_t b, int64_t hk, int64_t kb, fl
 // accumulator row acc[0, Dp).
 FB_AI void softmax_row(float* s, float& m, float& l, float* acc, int64_t Dp, int64_t ncols) {
   v8f mx = vset(kNegInf);
-  for (int64_t c = 0; c < ncols; c += 8) mx = vmax(mx, vload(s + c));
-  const float rmx = hmax(mx);
-  const float mnew = rmx > m ? rmx : m;
+  for (int64_t c = 0; c < ncols; c += 8) mx = vmax_nan(mx, vload(s + c));
+  const float rmx = hmax_nan(mx);
+  const float mnew = (rmx > m || rmx != rmx) ? rmx : m;
   if (mnew == kNegInf) {  // everything masked so far: p = 0, nothing changes
     for (int64_t c = 0; c < ncols; c += 8) vstore(s + c, vset(0.f));
     return;

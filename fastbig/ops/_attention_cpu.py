@@ -102,47 +102,40 @@ _WINS = {
 }
 
 
-def _kind(Sq, left, right, attn_mask, key_padding_mask) -> str:
+def _kind(Sq, Sk, left, right, attn_mask, key_padding_mask, feats) -> str:
     if Sq <= 8:
         return "decode"
-    if attn_mask is None and key_padding_mask is None and right == 0:
-        return "causal"
-    return "full"
+    plain = (attn_mask is None and key_padding_mask is None and feats.alibi_slopes is None
+             and (not feats.bottom_right or Sq == Sk))
+    return "causal" if plain and left < 0 and right == 0 else "full"
 
 
-def use_ours(q, k, left, right, attn_mask, key_padding_mask, dropout_p, *, needs_ours=False) -> bool:
-    """True when this kernel should run instead of SDPA on CPU tensors.
-
-    needs_ours: the call has a feature SDPA lacks (softcap, sinks, ALiBi, bottom_right): then
-    ours runs whenever it can take the inputs."""
+def use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, feats) -> bool:
+    """True when this kernel runs for a CPU call instead of SDPA: whenever it can take the inputs
+    and either the backend is forced to ``cpu``, the call has softcap or sinks (SDPA has neither:
+    the alternative is the reference), or the measured table ``_WINS`` says it is faster."""
+    if q.device.type != "cpu":
+        return False
     ok, _ = supports(q, dropout_p)
-    if not ok:
-        return False
-    if needs_ours or os.environ.get("FASTBIG_CPU_ATTENTION", "") == "ours":
+    if not ok or (feats.alibi_slopes is not None and feats.alibi_slopes.requires_grad):
+        return False  # alibi slopes that need a gradient: the reference (SPEC)
+    if backends.current() == "cpu" or feats.softcap > 0 or feats.sinks is not None:
         return True
-    if os.environ.get("FASTBIG_CPU_ATTENTION", "") == "sdpa":
-        return False
-    B, Hq, Sq, D = q.shape
-    work = B * Hq * Sq * k.shape[2] * D / 1e6
+    D = q.shape[-1]
+    work = B * q.shape[1] * Sq * Sk * D / 1e6  # q: [B, Hq, Sq, D] or varlen [total, Hq, D]
     nt = torch.get_num_threads()
-    for max_t, lo, hi in _WINS.get((q.dtype, _kind(Sq, left, right, attn_mask, key_padding_mask)), ()):
+    kind = _kind(Sq, Sk, left, right, attn_mask, key_padding_mask, feats)
+    for max_t, lo, hi in _WINS.get((q.dtype, kind), ()):
         if nt <= max_t and lo <= work < hi:
             return True
     return False
 
 
-def run(q, k, v, left, right, attn_mask, key_padding_mask, scale, return_lse, *,
-        softcap: Optional[float] = None, sinks=None, alibi_slopes=None, bottom_right=False):
+def run(q, k, v, left, right, attn_mask, key_padding_mask, scale, return_lse, feats):
     """The kernel through its custom op (differentiable in q, k, v, an additive attn_mask and
-    sinks). scale None = 1/sqrt(D)."""
-    D = q.shape[-1]
-    scale_f = (D ** -0.5) if scale is None else float(scale)
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.detach()
+    sinks)."""
+    alibi = feats.alibi_slopes.detach() if feats.alibi_slopes is not None else None
     out, lse = torch.ops.fastbig.attention_cpu_fwd(
-        q, k, v, attn_mask, key_padding_mask, sinks, alibi_slopes, scale_f,
-        float(softcap or 0.0), int(left), int(right), bool(bottom_right))
+        q, k, v, attn_mask, key_padding_mask, feats.sinks, alibi, float(scale),
+        float(feats.softcap or 0.0), int(left), int(right), bool(feats.bottom_right))
     return (out, lse) if return_lse else out
-
-
-__all__ = ["available", "supports", "use_ours", "run", "backends"]
