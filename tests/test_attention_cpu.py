@@ -14,6 +14,7 @@ import fastbig
 from conftest import assert_close, randn
 from fastbig import backends
 from fastbig.ops import _attention_cpu
+from fastbig.ops.attention import _Features
 from fastbig.reference import attention as ref
 
 pytestmark = pytest.mark.skipif(not _attention_cpu.available(),
@@ -240,13 +241,13 @@ def test_bad_input():
 
 def test_auto_rule():
     q, k, v = _qkv(1, 2, 1, 10, 12, 16, torch.float32, grad=False)
-    feats = fastbig.ops.attention._Features("attention", q, 2, 1, None, None, None, False)
+    feats = _Features("attention", q, 2, 1, None, None, None, False)
     use = _attention_cpu.use_ours
     assert not use(q, 1, 10, 12, -1, -1, None, None, 0.1, feats)  # dropout: SDPA
     assert not use(q.double(), 1, 10, 12, -1, -1, None, None, 0.0, feats)  # float64: SDPA
     with backends.use("cpu"):
         assert use(q, 1, 10, 12, -1, -1, None, None, 0.0, feats)  # forced
-    capped = fastbig.ops.attention._Features("attention", q, 2, 1, 5.0, None, None, False)
+    capped = _Features("attention", q, 2, 1, 5.0, None, None, False)
     assert use(q, 1, 10, 12, -1, -1, None, None, 0.0, capped)  # SDPA has no softcap
     # the measured table: ours exactly where an entry lists it
     for (dt, kind), rows in _attention_cpu._WINS.items():

@@ -102,6 +102,14 @@ _WINS = {
 }
 
 
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+# torch.compile: the thread count at trace time is baked into the graph (as the backend choice is)
+_threads = torch.compiler.assume_constant_result(_threads)
+
+
 def _kind(Sq, Sk, left, right, attn_mask, key_padding_mask, feats) -> str:
     if Sq <= 8:
         return "decode"
@@ -123,7 +131,7 @@ def use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, 
         return True
     D = q.shape[-1]
     work = B * q.shape[1] * Sq * Sk * D / 1e6  # q: [B, Hq, Sq, D] or varlen [total, Hq, D]
-    nt = torch.get_num_threads()
+    nt = _threads()
     kind = _kind(Sq, Sk, left, right, attn_mask, key_padding_mask, feats)
     for max_t, lo, hi in _WINS.get((q.dtype, kind), ()):
         if nt <= max_t and lo <= work < hi:
