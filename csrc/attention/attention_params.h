@@ -13,8 +13,14 @@ namespace attn {
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kAddMask = 2 };
 
-constexpr int BQ = 64;   // query rows of a forward/backward tile
-constexpr int BK = 64;   // keys of a tile (the packed K^T / V blocks are padded to it)
+#ifndef FB_ATTN_BQ
+#define FB_ATTN_BQ 64
+#endif
+#ifndef FB_ATTN_BK
+#define FB_ATTN_BK 64
+#endif
+constexpr int BQ = FB_ATTN_BQ;  // query rows of a forward/backward tile
+constexpr int BK = FB_ATTN_BK;  // keys of a tile (the packed K^T / V blocks are padded to it)
 constexpr int BKD = 64;  // keys of a decode chunk
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
