@@ -248,8 +248,9 @@ void run_decode(const Params& p, const Isa& is, int nt) {
     float* base = part.data() + t * per;
     is.decode(p, g / p.Hkv, g % p.Hkv, ks, ke, base, base + R, base + 2 * R, w);
   });
-  // merge the splits by log-sum-exp, then normalize
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  // merge the splits by log-sum-exp, then normalize (cheap: serial, no second parallel region)
+  {
+    const int64_t g0 = 0, g1 = groups;
     std::vector<float> acc(static_cast<size_t>(Dp));
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = g / p.Hkv, hk = g % p.Hkv;
@@ -277,7 +278,7 @@ void run_decode(const Params& p, const Isa& is, int nt) {
         isa_base::finish_row(p, h, M, L, acc.data(), p.out + row * p.D, p.lse + row);
       }
     }
-  });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -300,18 +301,33 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu_fwd(const at::Tensor& q, const 
     if (p.Sq <= kDecodeMaxSq) {
       run_decode(p, is, nt);
     } else {
-      const int64_t nkb = p.nkb(), nqb = (p.Sq + BQ - 1) / BQ;
-      const int64_t kv_blocks = p.B * p.Hkv * nkb;
-      std::vector<float> Kp(size_t(kv_blocks * p.D * BK)), Vp(size_t(kv_blocks * BK * p.Dp));
-      parallel_tasks(kv_blocks, nt, size_t(p.Dp), [&](int64_t t, float* w) {
-        const int64_t kb = t % nkb, bh = t / nkb;
-        is.pack(p, bh / p.Hkv, bh % p.Hkv, kb, Kp.data() + t * p.D * BK, Vp.data() + t * BK * p.Dp, w);
-      });
+      const int64_t nkb = p.nkb(), nqb = (p.Sq + BQ - 1) / BQ, G = p.group();
+      const int64_t kv_blocks = p.B * p.Hkv * nkb, kblk = p.D * BK, vblk = BK * p.Dp;
       const size_t ws = size_t(BQ * p.D + BQ * BK + BQ * p.Dp + 2 * BQ);
-      parallel_tasks(p.B * p.Hq * nqb, nt, ws, [&](int64_t t, float* w) {
-        const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb;  // the costliest causal tiles first
-        is.fwd(p, Kp.data(), Vp.data(), bh / p.Hq, bh % p.Hq, qb, w);
-      });
+      if (p.B * p.Hkv >= 4 * nt) {
+        // one task per (b, kv head): it packs its own K/V blocks and runs all its query blocks,
+        // one parallel region and no barrier (a barrier costs a scheduler slice on a busy machine)
+        parallel_tasks(p.B * p.Hkv, nt, ws + size_t(nkb * (kblk + vblk) + p.Dp), [&](int64_t t, float* w) {
+          float* Kl = w + ws;
+          float* Vl = Kl + nkb * kblk;
+          float* tmp = Vl + nkb * vblk;
+          const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+          for (int64_t kb = 0; kb < nkb; ++kb) is.pack(p, b, hk, kb, Kl + kb * kblk, Vl + kb * vblk, tmp);
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t qb = 0; qb < nqb; ++qb) is.fwd(p, Kl, Vl, b, hk * G + g, qb, w);
+        });
+      } else {
+        std::vector<float> Kp(size_t(kv_blocks * kblk)), Vp(size_t(kv_blocks * vblk));
+        parallel_tasks(kv_blocks, nt, size_t(p.Dp), [&](int64_t t, float* w) {
+          const int64_t kb = t % nkb, bh = t / nkb;
+          is.pack(p, bh / p.Hkv, bh % p.Hkv, kb, Kp.data() + t * kblk, Vp.data() + t * vblk, w);
+        });
+        parallel_tasks(p.B * p.Hq * nqb, nt, ws, [&](int64_t t, float* w) {
+          const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb;  // the costliest causal tiles first
+          const int64_t b = bh / p.Hq, h = bh % p.Hq, off = (b * p.Hkv + h / G) * nkb;
+          is.fwd(p, Kp.data() + off * kblk, Vp.data() + off * vblk, b, h, qb, w);
+        });
+      }
     }
   }
   const at::ScalarType dt = q.scalar_type();

@@ -225,10 +225,11 @@ FB_AI void finish_row(const Params& p, int64_t h, float m, float l, const float*
 }
 
 // ---- forward, one (b, h, query block) ---------------------------------------------------------
+// Kpack / Vpack: the packed key blocks of (b, h's kv head), block kb at kb * D * BK / kb * BK * Dp.
 // ws: BQ * D (Q) + BQ * BK (S) + BQ * Dp (acc) + 2 * BQ floats.
 inline void fwd_task(const Params& p, const float* Kpack, const float* Vpack, int64_t b, int64_t h, int64_t qb,
                      float* ws) {
-  const int64_t D = p.D, Dp = p.Dp, nkb = p.nkb(), hk = h / p.group();
+  const int64_t D = p.D, Dp = p.Dp;
   const int64_t i0 = qb * BQ, nr = std::min<int64_t>(BQ, p.Sq - i0);
   float* Q = ws;
   float* S = Q + BQ * D;
@@ -248,8 +249,8 @@ inline void fwd_task(const Params& p, const float* Kpack, const float* Vpack, in
   if (klo < khi) {
     for (int64_t kb = klo / BK; kb * BK < khi; ++kb) {
       const int64_t j0 = kb * BK, nk = std::min<int64_t>(BK, p.Sk - j0);
-      const float* Kt = Kpack + ((b * p.Hkv + hk) * nkb + kb) * (D * BK);
-      const float* Vb = Vpack + ((b * p.Hkv + hk) * nkb + kb) * (BK * Dp);
+      const float* Kt = Kpack + kb * (D * BK);
+      const float* Vb = Vpack + kb * (BK * Dp);
       gemm(nr, BK, D, Q, D, 1, Kt, BK, S, BK, false);
       const bool need_pos = j0 < last_lo || j0 + BK > first_hi;
       for (int64_t r = 0; r < nr; ++r) {

@@ -83,22 +83,36 @@ def supports(q, dropout_p) -> tuple[bool, str]:
 
 
 # ---- the measured `auto` table --------------------------------------------------------------
-# (dtype, kind) -> list of (max_threads, min_work, max_work): ours wins for thread counts up to
-# max_threads when min_work <= Sq*Sk*D*B*Hq/1e6 < max_work. kind: "decode" (Sq <= 8),
-# "causal" (a causal or windowed call without a mask), "full" (anything else).
-# Filled from tools/bench runs of this worktree (see the module docstring of the bench case);
-# an entry not listed means SDPA.
+# (dtype, kind, grad) -> rows (max_threads, min_threads, lo, hi): ours wins for thread counts in
+# [min_threads, max_threads] when lo <= work < hi, work = B*Hq*Sq*Sk*D / 1e6. kind: "decode"
+# (Sq <= 8), "causal" (causal, no mask/padding/ALiBi), "full" (anything else); grad: the call
+# needs a backward. Anything not listed runs SDPA. Measured with bench/attention_cpu.py
+# (--cases table and goals, ratio t(sdpa)/t(ours), median of 3-7 alternating reps) on 2 AVX2
+# cores (AMD EPYC, no AVX-512) with other jobs running, at 1 and 2 threads only: thread counts
+# above 2 are unmeasured and get SDPA. Sizes: work 8 (B2 H4 S128 D64), 537 (B4 H8 S512 D64),
+# 4295 (B8 H8 S1024 D64), 8590 (B2 H8 S2048 D128); decode 0.13 (B1 H8 Sk256 D64), 17
+# (B4 H32 Sk1024 D128), 67 (B1 H32 Sk16384 D128), 134 (B8 H32 Sk4096 D128). float16: unmeasured.
 _INF = float("inf")
 _WINS = {
-    (torch.float32, "decode"): [(2, 0.0, _INF)],
-    (torch.float32, "causal"): [(2, 0.0, _INF)],
-    (torch.float32, "full"): [(2, 0.0, _INF)],
-    (torch.bfloat16, "decode"): [(2, 0.0, _INF)],
-    (torch.bfloat16, "causal"): [(2, 0.0, _INF)],
-    (torch.bfloat16, "full"): [(2, 0.0, _INF)],
-    (torch.float16, "decode"): [(2, 0.0, _INF)],
-    (torch.float16, "causal"): [(2, 0.0, _INF)],
-    (torch.float16, "full"): [(2, 0.0, _INF)],
+    # fp32 causal forward: 1.01/1.23/0.90 at 1 thread, 0.33/0.97/1.09(4295)/0.91 at 2
+    (torch.float32, "causal", False): [(1, 1, 100, 5000), (2, 2, 1000, 5000)],
+    # fp32 causal fwd+bwd: 1.03/1.64/1.03 at 1 thread, 1.12/1.73/1.43/1.07 at 2
+    (torch.float32, "causal", True): [(2, 1, 0, _INF)],
+    # fp32 full forward: SDPA (0.82-0.88 at 1 thread, 0.33-0.85 at 2); full fwd+bwd 0.95/1.04/0.86
+    # at 1 thread, 1.12/1.10/0.86 at 2
+    (torch.float32, "full", True): [(2, 1, 100, 1000)],
+    # fp32 decode: 0.70/1.41/1.70 at 1 thread, 0.50/0.75/1.31/1.56 at 2
+    (torch.float32, "decode", False): [(1, 1, 10, _INF), (2, 2, 50, _INF)],
+    (torch.float32, "decode", True): [(1, 1, 10, _INF), (2, 2, 50, _INF)],
+    # bf16 causal forward: 1.14/1.46/0.87 at 1 thread, 0.25/0.84/0.96/0.98 at 2
+    (torch.bfloat16, "causal", False): [(1, 1, 0, 1000)],
+    # bf16 fwd+bwd, causal and full: 4.7x-10x at 1 and 2 threads (SDPA's bf16 backward is slow)
+    (torch.bfloat16, "causal", True): [(2, 1, 0, _INF)],
+    (torch.bfloat16, "full", True): [(2, 1, 0, _INF)],
+    # bf16 full forward: SDPA (1.00/0.83/0.83 at 1 thread, 0.25-0.84 at 2)
+    # bf16 decode: 1.70/3.87/4.22 at 1 thread, 0.50/1.79/2.66/4.18 at 2
+    (torch.bfloat16, "decode", False): [(1, 1, 0, _INF), (2, 2, 10, _INF)],
+    (torch.bfloat16, "decode", True): [(1, 1, 0, _INF), (2, 2, 10, _INF)],
 }
 
 
@@ -133,8 +147,10 @@ def use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, 
     work = B * q.shape[1] * Sq * Sk * D / 1e6  # q: [B, Hq, Sq, D] or varlen [total, Hq, D]
     nt = _threads()
     kind = _kind(Sq, Sk, left, right, attn_mask, key_padding_mask, feats)
-    for max_t, lo, hi in _WINS.get((q.dtype, kind), ()):
-        if nt <= max_t and lo <= work < hi:
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, attn_mask, feats.sinks))
+    for max_t, min_t, lo, hi in _WINS.get((q.dtype, kind, grad), ()):
+        if min_t <= nt <= max_t and lo <= work < hi:
             return True
     return False
 
