@@ -9,8 +9,9 @@ What it swaps (``ops`` picks the families):
   Parameter objects (shared, not copied), so optimizers holding them keep working.
   Hugging Face models (BERT, GPT-2, ...) do not use nn.MultiheadAttention; their attention
   modules dispatch through ``transformers``' AttentionInterface, so there ``"attention"``
-  registers a "fastbig" attention function (fastbig.nn.functional.scaled_dot_product_attention,
-  F.scaled_dot_product_attention's drop-in) and points the model's config at it.
+  registers a "fastbig" attention function and mask function (fastbig.integrations.transformers:
+  every keyword the model passes is implemented or handed back to the model's stock path) and
+  points the model's configs at them.
 * ``"conv_bn_relu"``: chains Conv2d -> BatchNorm2d -> ReLU / LeakyReLU, Conv2d -> BatchNorm2d,
   and ConvTranspose2d -> BatchNorm2d -> ReLU, found as consecutive children of an nn.Sequential
   and, through torch.fx, in any model whose forward calls them in sequence (torchvision's
@@ -412,69 +413,10 @@ def _swap_module(old: nn.Module, new_cls) -> nn.Module:
 
 
 def _hf_attention(model: nn.Module, report: AccelerateReport) -> bool:
-    """Hugging Face models: route their attention through fastbig. True if the model is one."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "_attn_implementation") or \
-            not type(model).__module__.startswith("transformers."):
-        return False
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except Exception as e:
-        report.skipped.append(Entry("(root)", "attention",
-                                    f"transformers model, but its attention interface is unavailable ({e})"))
-        return True
-    AttentionInterface.register("fastbig", _hf_fastbig_attention)
-    AttentionMaskInterface.register("fastbig", sdpa_mask)
-    old = cfg._attn_implementation
-    if old not in ("sdpa", "eager", None, "fastbig"):
-        report.skipped.append(Entry("(root)", "attention",
-                                    f"model uses attn_implementation={old!r}; left as is"))
-        return True
-    try:
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("fastbig")
-        else:
-            cfg._attn_implementation = "fastbig"
-    except Exception as e:
-        report.skipped.append(Entry("(root)", "attention", f"set_attn_implementation('fastbig') "
-                                    f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"))
-        return True
-    n = 0
-    for path, m in model.named_modules():
-        if hasattr(m, "config") and getattr(m, "is_causal", None) is not None and \
-                any(hasattr(m, a) for a in ("scaling", "attention_head_size", "head_dim")):
-            report.swapped.append(Entry(path, "attention",
-                                        f"{type(m).__name__}: attn_implementation {old!r} -> 'fastbig'"))
-            n += 1
-    if n == 0:
-        report.swapped.append(Entry("(root)", "attention",
-                                    f"attn_implementation {old!r} -> 'fastbig' (config)"))
-    return True
-
-
-def _hf_fastbig_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                          is_causal=None, **kwargs):
-    """transformers' attention-function signature: q/k/v [B, H, S, D], attention_mask bool
-    (True = attend) or additive float [B, 1|H, Sq, Sk] or None -> ([B, Sq, H, D], None)."""
-    from .nn.functional import scaled_dot_product_attention
-
-    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
-    if is_causal and key.shape[2] != query.shape[2]:  # causal with a cache: make the mask explicit
-        sq, sk = query.shape[2], key.shape[2]
-        attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
-        is_causal = False
-    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] != key.shape[2]:
-        attention_mask = attention_mask[..., : key.shape[2]]
-    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                       is_causal=is_causal, scale=scaling, enable_gqa=groups > 1)
-    return out.transpose(1, 2).contiguous(), None
+    """Hugging Face models: route their attention through fastbig (fastbig.integrations.transformers).
+    True if the model is one."""
+    from .integrations.transformers import install
+    return install(model, report)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,6 +128,20 @@ def extension_available(device) -> tuple[bool, str]:
     return False, f"fastbig._C has no kernels for {dev_type} tensors"
 
 
+def extension_backend(op: str, device, schema: str) -> str:
+    """The backend for an op of the C++/CUDA extension (every op but attention): ``cpu`` or
+    ``cuda`` for tensors of that device when fastbig._C is loaded and holds the ``schema``
+    (``fastbig::<schema>``), else the reference as ``resolve`` decides (a forced backend raises,
+    ``auto`` warns once). ``op`` names the op in warnings and errors."""
+    from ._extension import has_op
+
+    dev_type = getattr(device, "type", device)
+    fast = {}
+    if dev_type in ("cpu", "cuda"):
+        fast[dev_type] = extension_available(device) if has_op(schema) else (False, f"{schema} not built")
+    return resolve(op, device, fast=fast)
+
+
 def warn_fallback(op: str, reason: str) -> None:
     """Warn once per (op, reason) that ``auto`` fell back to the reference."""
     key = (op, reason)

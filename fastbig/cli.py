@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
@@ -80,14 +81,8 @@ def demo(argv=None) -> int:
     args = ap.parse_args(argv)
     info([])
     print()
-    rc = 0
-    try:
-        from .train import demo_main
-    except ImportError as e:
-        print(f"fastbig demo: training workflow not available ({e})", file=sys.stderr)
-        rc = 1
-    else:
-        rc = demo_main()
+    from .train import demo_main
+    rc = demo_main()
     if not args.no_bench:
         print()
         from .bench import main as bench_main
@@ -95,31 +90,35 @@ def demo(argv=None) -> int:
     return rc
 
 
+# The commands: name -> (what runs it, one line of help). "module:function" targets are imported
+# when the command runs (bench and train pull in much); a bare name is a function of this module.
+COMMANDS = {
+    "info": ("info", "versions, what fastbig._C was built with, which backends run here"),
+    "demo": ("demo", "the main job: train MNISTNet through fastbig layers, then benchmarks"),
+    "bench": (".bench:main", "benchmark fastbig against eager PyTorch, SDPA, cuDNN, torch.compile"),
+    "train": (".train:main", "train a model: fastbig train MODEL [options]"),
+    "evaluate": (".train:evaluate_main", "score a checkpoint: fastbig evaluate CKPT"),
+}
+
+
+def _command(name):
+    target = COMMANDS[name][0]
+    if ":" not in target:
+        return globals()[target]
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module, __package__), func)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = {"info": info, "demo": demo}
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fastbig {info,demo,bench,train,evaluate} [options]\n\n"
-              "  info       versions, what fastbig._C was built with, which backends run here\n"
-              "  demo       the main job: train MNISTNet through fastbig layers, then benchmarks\n"
-              "  bench      benchmark fastbig against eager PyTorch, SDPA, cuDNN, torch.compile\n"
-              "  train      train a model: fastbig train MODEL [options]\n"
-              "  evaluate   score a checkpoint: fastbig evaluate CKPT")
+        print(f"usage: fastbig {{{','.join(COMMANDS)}}} [options]\n\n"
+              + "\n".join(f"  {name:<10} {about}" for name, (_, about) in COMMANDS.items()))
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd in cmds:
-        return cmds[cmd](rest)
-    if cmd == "bench":
-        from .bench import main as bench_main
-        return bench_main(rest)
-    if cmd == "train":
-        from .train import main as train_main
-        return train_main(rest)
-    if cmd == "evaluate":
-        from .train import evaluate_main
-        return evaluate_main(rest)
-    print(f"fastbig: unknown command {cmd!r}; expected one of info, demo, bench, train, evaluate",
-          file=sys.stderr)
+    if cmd in COMMANDS:
+        return _command(cmd)(rest)
+    print(f"fastbig: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 
 

@@ -1,4 +1,5 @@
-"""Shared test machinery: tolerances in one place, the error measure, markers, Triton mode.
+"""Shared test machinery: markers, Triton mode, and fastbig.testing's tolerances, error measure
+and inputs under their old names.
 
 Triton kernels run on CPU tensors under TRITON_INTERPRET=1. It must be set before triton
 kernels are defined, so it is set here, before fastbig is imported, whenever no GPU is present.
@@ -13,53 +14,9 @@ if not torch.cuda.is_available():
 
 import fastbig  # noqa: E402
 
-# ||out - ref|| / ||ref||, ref computed in float64 from the same inputs.
-TOL = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-}
-# Triton's tl.dot in fp32 uses tf32 on GPUs; the interpreter computes it in fp32 (ieee).
-TOL_TRITON_TF32 = 3e-4
-
-
-def tol(dtype, *, tf32=False):
-    if tf32 and dtype == torch.float32:
-        return TOL_TRITON_TF32
-    return TOL[dtype]
-
-
-def rel_err(out, ref):
-    """Relative error in the 2-norm, computed in float64. NaN/inf anywhere gives inf."""
-    out = out.detach().to(torch.float64).cpu()
-    ref = ref.detach().to(torch.float64).cpu()
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    if not torch.isfinite(out).all() or not torch.isfinite(ref).all():
-        return float("inf")
-    denom = ref.norm().item()
-    num = (out - ref).norm().item()
-    if denom == 0.0:
-        return num
-    return num / denom
-
-
-def assert_close(out, ref, dtype=None, *, tf32=False, name="output", factor=1.0):
-    dtype = dtype or out.dtype
-    err = rel_err(out, ref)
-    bound = tol(dtype, tf32=tf32) * factor
-    assert err <= bound, f"{name}: relative error {err:.3e} > {bound:.1e} ({dtype})"
-    return err
-
-
-def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=1.0, generator=None):
-    """Fresh random inputs, never zeros."""
-    t = torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
-    t = t.to(device=device, dtype=dtype)
-    if requires_grad:
-        t.requires_grad_(True)
-    return t
-
+# The tolerances, the error measure and the inputs live in fastbig.testing (the benchmarks judge
+# by them too); re-exported here for `from conftest import TOL, assert_close, ...`.
+from fastbig.testing import TOL, TOL_TRITON_TF32, assert_close, rel_err, randn, tol  # noqa: E402,F401
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

@@ -250,20 +250,24 @@ class _Kw(nn.Module):
 
 
 def _hf_check(model, ref, ids, mask, label):
+    """The accelerated model (float32) against the original (float64): outputs and every gradient;
+    fastbig's attention op must have run (the integration calls fastbig.ops.attention)."""
+    import importlib
+    ops_att = importlib.import_module("fastbig.ops.attention")
     calls = []
-    real = fnn.functional.scaled_dot_product_attention
+    real = ops_att.attention
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
     keep = mask.bool()
-    fnn.functional.scaled_dot_product_attention = counting
+    ops_att.attention = counting
     try:
         _compare(_Kw(model), _Kw(ref), (ids, mask), torch.float32, label=label,
                  out_fn=lambda o: o.last_hidden_state[keep])
     finally:
-        fnn.functional.scaled_dot_product_attention = real
+        ops_att.attention = real
     assert calls, f"{label}: fastbig attention was never called"
 
 
@@ -333,3 +337,47 @@ def test_bn_path_stands_for_the_bn():
     twin = copy.deepcopy(acc)
     twin[1].eval()
     assert not twin[0].block.bn.training and acc[0].block.bn.training
+
+
+def test_hf_unverified_eager_model_is_left_as_is(monkeypatch):
+    """A model whose stock path is an eager function fastbig has not verified keeps it: a skipped
+    entry with the reason and one AccelerateWarning, its config untouched."""
+    transformers = pytest.importorskip("transformers")
+    import importlib
+    fit = importlib.import_module("fastbig.integrations.transformers")
+    cfg = transformers.Gemma2Config(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    vocab_size=50)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    assert model.config._attn_implementation == "eager"
+    monkeypatch.setattr(fit, "VERIFIED_EAGER", {})
+    with pytest.warns(AccelerateWarning, match="not verified"):
+        report = fastbig.accelerate(model)
+    assert not [e for e in report.swapped if e.kind == "attention"]
+    assert [e for e in report.skipped if e.kind == "attention" and "eager" in e.reason]
+    assert model.config._attn_implementation == "eager"
+
+
+def test_hf_other_attention_implementation_is_left_as_is():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                   num_attention_heads=2, vocab_size=50)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.config._attn_implementation_internal = "flex_attention"
+    with pytest.warns(AccelerateWarning, match="flex_attention"):
+        report = fastbig.accelerate(model)
+    assert any("flex_attention" in e.reason for e in report.skipped)
+    assert model.config._attn_implementation == "flex_attention"
+
+
+def test_hf_model_code_that_branches_on_the_implementation_name_is_left_as_is():
+    """Falcon's code tests `_attn_implementation == "sdpa"`: under 'fastbig' it would run other
+    code than its stock sdpa path, so its attention is left alone, with the reason."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    vocab_size=50)
+    model = transformers.FalconForCausalLM(cfg)
+    with pytest.warns(AccelerateWarning, match="branches on the attention implementation"):
+        report = fastbig.accelerate(model)
+    assert not [e for e in report.swapped if e.kind == "attention"]
+    assert model.config._attn_implementation == "sdpa"

@@ -61,8 +61,10 @@ def _check_against_reference(q, k, v, kw, *, key_padding_mask=None, attn_mask=No
 
 
 @pytest.mark.parametrize("feature", sorted(FEATURES))
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_each_feature_against_the_float64_reference(feature, backend):
+    if backend == "triton" and not (torch.cuda.is_available() or backends.triton_interpret()):
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
     q, k, v = _qkv()
     kw = FEATURES[feature](2, 4)
     with backends.use(backend), warnings.catch_warnings():

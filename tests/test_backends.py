@@ -92,3 +92,29 @@ def test_cli_unknown_command(capsys):
     from fastbig.cli import main
     assert main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_errors_module_is_public_and_the_old_import_is_the_same_class():
+    from fastbig.errors import DtypeError
+    from fastbig.ops._checks import DtypeError as OldDtypeError
+    assert DtypeError is OldDtypeError is fastbig.errors.DtypeError
+    assert issubclass(DtypeError, TypeError) and issubclass(DtypeError, RuntimeError)
+
+
+def test_extension_backend_forced_auto_and_reference(monkeypatch):
+    """The one picker of the extension ops: forced cpu without the schema raises naming it, auto
+    falls back to the reference with a warning, reference is the reference."""
+    import torch
+    monkeypatch.delenv("FASTBIG_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    with backends.use("reference"):
+        assert backends.extension_backend("lstm", cpu, "lstm_layer") == "reference"
+    with backends.use("cpu"), pytest.raises(RuntimeError, match="no_such_schema not built"):
+        backends.extension_backend("lstm", cpu, "no_such_schema")
+    with backends.use("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' has no implementation"):
+        backends.extension_backend("lstm", cpu, "lstm_layer")
+    backends._reset_warnings()
+    with pytest.warns(backends.FastbigFallbackWarning, match="no_such_schema not built"):
+        assert backends.extension_backend("lstm", cpu, "no_such_schema") == "reference"
+    if backends.extension_available(cpu)[0]:
+        assert backends.extension_backend("lstm", cpu, "lstm_layer") == "cpu"

@@ -342,24 +342,102 @@ def test_gpu_run_dry_run_plans_every_step(tmp_path):
     r = _gpu_run("--dry-run", env={"OUT": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     o = r.stdout
-    assert "pip install --no-build-isolation --no-deps --no-index -e ." in open(GPU_RUN).read()
-    assert "TORCH_CUDA_ARCH_LIST=" in o
-    assert "pytest tests -m cuda" in o
-    assert f"-m fastbig.bench --device cuda --op all --out {tmp_path}/results" in o
+    assert "no prebuilt _C in" in o and "build (TORCH_CUDA_ARCH_LIST=" in o and "MAX_JOBS=16" in o
+    assert "pytest tests -m cuda --ignore=tests/test_attention.py -v" in o
+    assert "pytest tests/test_attention.py -v" in o
+    # bf16 by default; attention vs SDPA flash and cuDNN only (=NAME: not fastbig-ref)
+    assert "-m fastbig.bench --device cuda --dtype bfloat16 --no-plot --budget" in o
+    assert "--impl =fastbig --impl =sdpa[flash] --impl =sdpa[cudnn]" in o
+    assert "--op lstm --case H256 --case H1024" in o and "--op conv_bn_relu" in o
     assert not list(tmp_path.iterdir())                   # a dry run writes nothing
     r = _gpu_run("--dry-run", "--quick", "--op", "attention", "--dtype", "float16",
                  "--out", str(tmp_path / "x"), "--skip-tests")
     assert r.returncode == 0, r.stderr
-    assert "--op attention --out" in r.stdout and "--quick --dtype float16" in r.stdout
-    assert "-m pytest" not in r.stdout
+    assert "--dtype float16" in r.stdout and "--quick --op attention" in r.stdout
+    assert "-m pytest" not in r.stdout and "--op lstm" not in r.stdout
     r = _gpu_run("--dry-run", "--cpu", "--skip-build")
     assert r.returncode == 0 and "--device cpu" in r.stdout and "build" not in r.stdout.split("root=")[0]
+
+
+def test_gpu_run_uses_a_prebuilt_extension_only_when_its_stamp_matches(tmp_path):
+    import sys
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"")
+    stamp = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prebuilt_stamp.py"), "--archs", "9.0"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert stamp.startswith("python=cp%d%d torch=%s archs=9.0 sources=" % (sys.version_info[:2] + (torch.__version__,)))
+    (pre / "STAMP").write_text(stamp + "\n")
+    env = {"PYTHON": sys.executable}
+    r = _gpu_run("--dry-run", "--prebuilt", str(pre), "--skip-tests", "--skip-bench", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "prebuilt _C matches" in r.stdout and "build (prebuilt)" in r.stdout and "MAX_JOBS" not in r.stdout
+    (pre / "STAMP").write_text(stamp.replace("sources=", "sources=0") + "\n")   # other sources: stale
+    r = _gpu_run("--dry-run", "--prebuilt", str(pre), "--skip-tests", "--skip-bench", env=env)
+    assert "stale or foreign" in r.stdout and "build (TORCH_CUDA_ARCH_LIST=9.0" in r.stdout
+
+
+def test_gpu_run_cpu_run_packs_at_most_8_files(tmp_path):
+    """The whole script for real on the CPU (C++ build skipped, a two-test file, the lstm smoke
+    bench): logs, a summary with every step's exit code, the bench JSON in one archive."""
+    import sys
+    import tarfile
+    (tmp_path / "test_two.py").write_text("def test_a():\n    pass\ndef test_b():\n    pass\n")
+    out = tmp_path / "out"
+    r = _gpu_run("--cpu", "--skip-build", "--op", "lstm", "--budget", "200", "--out", str(out),
+                 env={"PYTHON": sys.executable, "FASTBIG_GPU_RUN_TESTS": str(tmp_path / "test_two.py")})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["bench-results.tar.gz", "bench.log", "env.txt", "summary.txt", "tests.log"]
+    summary = (out / "summary.txt").read_text()
+    assert "tests " in summary and "bench lstm" in summary and "2 passed" in summary
+    with tarfile.open(out / "bench-results.tar.gz") as tf:
+        names = tf.getnames()
+    assert any(n.startswith("results/lstm/") and n.endswith("-smoke.json") for n in names), names
+
+
+def test_gpu_run_budget_spent_skips_steps_and_still_packs(tmp_path):
+    import sys
+    out = tmp_path / "out"
+    r = _gpu_run("--cpu", "--skip-build", "--op", "lstm", "--budget", "10", "--out", str(out),
+                 env={"PYTHON": sys.executable})
+    assert r.returncode == 124, r.stdout[-2000:]                # a step cut by the budget fails
+    summary = (out / "summary.txt").read_text()
+    assert "not run, no time left" in (out / "tests.log").read_text()
+    assert "tests " in summary and "exit 124" in summary
+    assert len(list(out.iterdir())) <= 8
+
+
+def test_gpu_pytest_alarm_fails_a_test_that_runs_too_long(tmp_path):
+    import sys
+    (tmp_path / "test_slow.py").write_text(
+        "import time\n"
+        "def test_slow():\n    time.sleep(30)\n"
+        "def test_fast():\n    pass\n")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "bench"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "gpu_pytest_alarm", "--alarm-timeout", "1", "-v",
+                        "-p", "no:cacheprovider", str(tmp_path)], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=60)
+    assert "test_slow FAILED" in r.stdout and "test_fast PASSED" in r.stdout, r.stdout[-2000:]
+    assert "still running after 1 s (--alarm-timeout)" in r.stdout
+
+
+def test_harness_budget_and_exact_impl_filter(tmp_path):
+    assert harness.impl_selected("fastbig", ["=fastbig"]) and not harness.impl_selected("fastbig-ref", ["=fastbig"])
+    assert harness.impl_selected("fastbig-ref", ["fastbig"]) and harness.impl_selected("sdpa[flash]", ["=sdpa[flash]"])
+    rc = harness.main(["--smoke", "--device", "cpu", "--op", "lstm", "--dtype", "float32", "--out", str(tmp_path),
+                       "--no-plot", "--budget", "0", "--impl", "=fastbig"])
+    assert rc == 0
+    data = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
+    assert data["cases"] and all(c["note"].startswith("not run: --budget 0 s") and not c["impls"]
+                                 for c in data["cases"])
 
 
 @pytest.mark.parametrize("args,msg", [
     (["--bogus"], "unknown argument: --bogus"),
     (["--out"], "--out needs a value"),
     (["--op", "nope", "--dry-run"], "--op: expected"),
+    (["--budget", "9m", "--dry-run"], "--budget: expected a whole number"),
 ])
 def test_gpu_run_bad_arguments(args, msg):
     r = _gpu_run(*args)

@@ -31,12 +31,12 @@ def _R(*s, seed=0, dtype=torch.float64, requires_grad=True):
 def _op_cases():
     cases = {}
     a, c = _R(3, 8, seed=1), _R(3, 2, seed=2)
-    cases["lstm_cell"] = (lambda a, c: fastbig.ops.lstm_cell(a, c), (a, c), "cpu",
+    cases["lstm_cell"] = (lambda a, c: fastbig.ops.lstm_cell_pointwise(a, c), (a, c), "cpu",
                           (torch.ops.fastbig.lstm_cell.default, (a, c)))
     x, h, c0 = _R(3, 2, 4, seed=3), _R(2, 3, seed=4), _R(2, 3, seed=5)
     wi, wh, b = _R(12, 4, seed=6) * 0.5, _R(12, 3, seed=7) * 0.5, _R(12, seed=8) * 0.1
     wi, wh, b = (t.detach().requires_grad_() for t in (wi, wh, b))
-    cases["lstm"] = (lambda x, h, c0, wi, wh, b: fastbig.ops.lstm(x, h, c0, wi, wh, b, None),
+    cases["lstm"] = (lambda x, h, c0, wi, wh, b: fastbig.ops.lstm_layer(x, h, c0, wi, wh, b, None),
                      (x, h, c0, wi, wh, b), "cpu",
                      (torch.ops.fastbig.lstm_layer.default,
                       (x.reshape(6, 4), h, c0, wi, wh, b, None, None, None, False)))

@@ -103,8 +103,8 @@ BLOCKS = {
                         (9, 8)),
     "bn_only_dilated": (ConvBn2d, 4, 7, 3, dict(padding=2, dilation=2, bias=True), (6, 6)),
     "transposed_dcgan": (ConvTransposeBnReLU2d, 8, 5, 4, dict(stride=2, padding=1), (4, 5)),
-    "transposed_groups": (ConvTransposeBnReLU2d, 4, 6, 3, dict(stride=2, output_padding=1, groups=2,
-                                                                bias=True), (3, 3)),
+    "transposed_groups": (ConvTransposeBnReLU2d, 4, 6, 3, dict(stride=2, output_padding=1, groups=2, bias=True),
+                          (3, 3)),
     "hw1": (ConvBnReLU2d, 4, 6, 1, dict(), (1, 1)),
 }
 
@@ -735,8 +735,8 @@ def test_cpu_low_precision_and_float64_kernels(dtype):
     assert y.dtype == dtype
     assert_close(y, y64, dtype)
     dy = randn(*y.shape, dtype=dtype)
-    for a, r, n in zip(torch.autograd.grad(y, (z, w, b), dy), torch.autograd.grad(y64, (z64, w64, b64),
-                                                                                   dy.double()), "zwb"):
+    grads64 = torch.autograd.grad(y64, (z64, w64, b64), dy.double())
+    for a, r, n in zip(torch.autograd.grad(y, (z, w, b), dy), grads64, "zwb"):
         assert_close(a, r, dtype, name=f"grad {n}")
 
 
@@ -907,3 +907,60 @@ def test_leaky_slope_the_kernels_cannot_take_fails_at_construction():
         with pytest.raises(ValueError, match="negative_slope must be a finite number > 0"):
             ConvBnLeakyReLU2d.from_modules(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU(slope))
     ConvBnLeakyReLU2d(3, 4, 3, negative_slope=1.5)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+def test_eval_padding_mode_block_and_conv_act_vs_float64(padding_mode):
+    """Eval with running statistics and a padding_mode other than zeros: the block (through
+    fastbig.ops.conv_act) matches torch's Sequential, and conv_act pads as nn.Conv2d does,
+    "same" padding included."""
+    block = ConvBnReLU2d(3, 5, 3, padding=1, padding_mode=padding_mode)
+    _randomize_bn(block.bn)
+    block.eval()
+    seq = _seq_twin(block).double()
+    x = randn(2, 3, 6, 7)
+    with torch.no_grad():
+        assert_close(block(x), seq(x.double()), name="block")
+    conv = nn.Conv2d(3, 4, (3, 5), padding="same", dilation=(2, 1), padding_mode=padding_mode, dtype=F64)
+    y = fastbig.ops.conv_act(x, conv.weight.float(), conv.bias.float(), padding="same", dilation=(2, 1),
+                             padding_mode=padding_mode, activation="leaky_relu", negative_slope=0.2)
+    assert_close(y, torch.nn.functional.leaky_relu(conv(x.double()), 0.2), name="same")
+
+
+def test_conv_act_checks_name_its_arguments():
+    x, w = randn(2, 3, 5, 5), randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="conv_act: x must have 3 channels.*got 5"):
+        fastbig.ops.conv_act(randn(2, 5, 5, 5), w)
+    with pytest.raises(fastbig.errors.DtypeError, match="conv_act: weight has dtype torch.float64"):
+        fastbig.ops.conv_act(x, w.double())
+    with pytest.raises(ValueError, match="conv_act: bias must have shape \\(4,\\)"):
+        fastbig.ops.conv_act(x, w, randn(3))
+    with pytest.raises(ValueError, match="conv_act: activation must be one of"):
+        fastbig.ops.conv_act(x, w, activation="gelu")
+    with pytest.raises(ValueError, match="padding_mode must be"):
+        fastbig.ops.conv_act(x, w, padding_mode="mirror")
+    # the block runs the unchecked form, which still checks a transposed conv's output_padding
+    block = ConvTransposeBnReLU2d(3, 4, 3, stride=1, output_padding=1).eval()
+    with pytest.raises(RuntimeError, match="output_padding must be >= 0 and smaller than either stride"):
+        block(randn(1, 3, 5, 5))
+
+
+def test_conv_act_calls_packed_only_on_the_prepacked_onednn_path(monkeypatch):
+    """``packed`` supplies the prepacked weight for a channels_last input on oneDNN's path, and
+    is not called for an NCHW input."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN not built")
+    x, w, b = randn(2, 8, 12, 12), randn(16, 8, 3, 3), randn(16)
+    asked = []
+
+    def packed():
+        asked.append(1)
+        return fastbig.ops.conv_bn_relu.onednn_pack_conv_weight(w, 1, 1, 1, 1, x.shape)
+    with torch.no_grad():
+        y0 = fastbig.ops.conv_act(x, w, b, padding=1, packed=packed)
+        assert asked == []
+        y1 = fastbig.ops.conv_act(x.to(memory_format=torch.channels_last), w, b, padding=1, packed=packed)
+    assert asked == [1]
+    y64 = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1))
+    assert_close(y0, y64, name="NCHW")
+    assert_close(y1, y64, name="channels_last, packed")

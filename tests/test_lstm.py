@@ -15,8 +15,8 @@ F32, F64 = torch.float32, torch.float64
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: on the shared 2-core CI box a 2-thread GEMM that waits on a
-    descheduled worker costs 10-100x (measured: 0.09 s -> 18 s for one case). The results
-    do not depend on it; test_parallel_rows_match_serial runs the threaded path on purpose."""
+    descheduled worker costs 10-100x. The results do not depend on it;
+    test_parallel_rows_match_serial runs the threaded path on purpose."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -189,7 +189,7 @@ def test_parallel_rows_match_serial(limit, monkeypatch):
     assert torch.equal(y1, y2)
 
 
-# ---- the CPU's fused time loop (csrc/lstm/lstm_cpu.cpp, batch <= 64, float32, no
+# ---- the CPU's fused time loop (csrc/lstm/lstm_layer_cpu.cpp, batch <= 64, float32, no
 # proj_size) against the generic loop (per-step GEMM + pointwise) and the float64 oracle ---------
 def _op_case(T, B, I, H, packed, reverse, bias):
     if packed:
@@ -224,7 +224,7 @@ def test_small_batch_fused_loop_vs_generic_and_float64(T, B, I, H, packed, rever
         monkeypatch.setenv("FASTBIG_LSTM_SMALL_BATCH", limit)
         args = [a.float().requires_grad_() if a is not None else None for a in args64]
         with fastbig.backends.use("cpu"):
-            y, h_n, c_n = fastbig.ops.lstm(*args, batch_sizes=bs, reverse=reverse)
+            y, h_n, c_n = fastbig.ops.lstm_layer(*args, batch_sizes=bs, reverse=reverse)
         for o, r, n in zip((y.reshape(-1, H), h_n, c_n), want, ("y", "h_n", "c_n")):
             assert_close(o, r, F32, name=f"limit={limit} {n}")
         # the backward consumes the forward's saved gates and cells: gradients check them too
@@ -257,7 +257,7 @@ def test_nan_input_propagates_not_clamped(B):
     g = randn(2, 64)
     g[0, 3] = float("nan")
     with fastbig.backends.use("cpu"):
-        h1, c1 = fastbig.ops.lstm_cell(g, randn(2, 16))
+        h1, c1 = fastbig.ops.lstm_cell_pointwise(g, randn(2, 16))
     assert h1[0, 3].isnan() and c1[0, 3].isnan() and not h1[1].isnan().any()
 
 
@@ -266,7 +266,7 @@ def test_small_batch_fused_loop_long_sequence_vs_float64():
     args64, _ = _op_case(100, 1, 16, 256, False, False, True)
     want = ref.lstm_layer(args64[0].reshape(-1, 16), *args64[1:])
     with fastbig.backends.use("cpu"):
-        got = fastbig.ops.lstm(*[a.float() for a in args64])
+        got = fastbig.ops.lstm_layer(*[a.float() for a in args64])
     for o, r, n in zip((got[0].reshape(-1, 256),) + tuple(got[1:]), want, ("y", "h_n", "c_n")):
         assert_close(o, r, F32, name=n)
 
@@ -305,13 +305,14 @@ def test_lstm_float64_gradcheck_layer_op():
     for reverse in (False, True):
         with fastbig.backends.use("cpu"):
             assert torch.autograd.gradcheck(
-                lambda *a: fastbig.ops.lstm(*a, batch_sizes=bs, reverse=reverse), args, eps=1e-6, atol=1e-7, fast_mode=True)
+                lambda *a: fastbig.ops.lstm_layer(*a, batch_sizes=bs, reverse=reverse), args, eps=1e-6, atol=1e-7,
+                fast_mode=True)
     x3 = randn(4, 2, I, dtype=F64, requires_grad=True)
     no_proj = [x3, randn(2, H, dtype=F64, requires_grad=True), randn(2, H, dtype=F64, requires_grad=True),
                randn(4 * H, I, dtype=F64, requires_grad=True), randn(4 * H, H, dtype=F64, requires_grad=True)]
     with fastbig.backends.use("cpu"):
-        assert torch.autograd.gradcheck(lambda *a: fastbig.ops.lstm(*a, reverse=True), no_proj, eps=1e-6, atol=1e-7,
-                                        fast_mode=True)
+        assert torch.autograd.gradcheck(lambda *a: fastbig.ops.lstm_layer(*a, reverse=True), no_proj, eps=1e-6,
+                                        atol=1e-7, fast_mode=True)
 
 
 def _layer_args(dtype=F64, device="cpu", proj=True, packed=True, grad=True):
@@ -485,18 +486,18 @@ def test_bad_inputs_raise_clear_errors():
             fm(randn(5, 10), (randn(2, 3, 20), randn(2, 3, 20)))
         # device mismatch, checked before any kernel runs
         with pytest.raises(RuntimeError, match="h0 is on meta but x is on cpu"):
-            fastbig.ops.lstm(randn(5, 3, 10), torch.empty(3, 20, device="meta"), randn(3, 20),
-                             randn(80, 10), randn(80, 20))
+            fastbig.ops.lstm_layer(randn(5, 3, 10), torch.empty(3, 20, device="meta"), randn(3, 20),
+                                   randn(80, 10), randn(80, 20))
         # a PackedSequence whose batch_sizes do not fit its data / its order
         data = randn(9, 10)
         for bad in ([3, 3, 2], [2, 3, 3, 1], [3, 3, 3, 0]):
             with pytest.raises((ValueError, RuntimeError), match="batch_sizes"):
                 fm(PackedSequence(data, torch.tensor(bad)))
         with pytest.raises(TypeError, match="batch_sizes must be an int64 CPU tensor"):
-            fastbig.ops.lstm(data, randn(3, 20), randn(3, 20), randn(80, 10), randn(80, 20),
-                             batch_sizes=torch.tensor([3, 3, 3], dtype=torch.int32))
+            fastbig.ops.lstm_layer(data, randn(3, 20), randn(3, 20), randn(80, 10), randn(80, 20),
+                                   batch_sizes=torch.tensor([3, 3, 3], dtype=torch.int32))
         with pytest.raises(ValueError, match="w_hh must have shape \\(80, 20\\), got \\(80, 21\\)"):
-            fastbig.ops.lstm(randn(5, 3, 10), randn(3, 20), randn(3, 20), randn(80, 10), randn(80, 21))
+            fastbig.ops.lstm_layer(randn(5, 3, 10), randn(3, 20), randn(3, 20), randn(80, 10), randn(80, 21))
         # the C++ op itself (called directly) refuses too, with a message
         with pytest.raises(RuntimeError, match="batch_sizes must be positive, non-increasing"):
             torch.ops.fastbig.lstm_layer(data, randn(3, 20), randn(3, 20), randn(80, 10), randn(80, 20),
@@ -607,10 +608,10 @@ def test_double_backward_is_a_clear_error():
     x, h0, c0 = randn(3, 2, 4, dtype=F64, requires_grad=True), randn(2, 5, dtype=F64), randn(2, 5, dtype=F64)
     w_ih, w_hh = randn(20, 4, dtype=F64, requires_grad=True), randn(20, 5, dtype=F64, requires_grad=True)
     with _fast("cpu"):
-        y, h, c = fastbig.ops.lstm(x, h0, c0, w_ih, w_hh)
+        y, h, c = fastbig.ops.lstm_layer(x, h0, c0, w_ih, w_hh)
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(y.square().sum(), (x, w_ih), create_graph=True)
-        y, h, c = fastbig.ops.lstm(x, h0, c0, w_ih, w_hh)
+        y, h, c = fastbig.ops.lstm_layer(x, h0, c0, w_ih, w_hh)
         g = torch.autograd.grad(y.square().sum(), (x, w_ih))  # plain backward is unaffected
     assert all(torch.isfinite(t).all() for t in g)
 

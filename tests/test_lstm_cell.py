@@ -27,7 +27,7 @@ def test_forward_backward_vs_float64_reference(device, B, H):
     for dtype in _dtypes(device):
         gates, c_prev = _case(B, H, dtype, device)
         with fastbig.backends.use("cpu" if device == "cpu" else "cuda"):
-            h, c = fastbig.ops.lstm_cell(gates, c_prev)
+            h, c = fastbig.ops.lstm_cell_pointwise(gates, c_prev)
         g64 = gates.detach().double().requires_grad_()
         c64 = c_prev.detach().double().requires_grad_()
         h_ref, c_ref = lstm_cell_pointwise(g64, c64)
@@ -43,7 +43,7 @@ def test_forward_backward_vs_float64_reference(device, B, H):
 
 def test_backward_with_only_grad_h_or_grad_c():
     gates, c_prev = _case(5, 9, torch.float64, "cpu")
-    h, c = fastbig.ops.lstm_cell(gates, c_prev)
+    h, c = fastbig.ops.lstm_cell_pointwise(gates, c_prev)
     h_ref, c_ref = lstm_cell_pointwise(gates, c_prev)
     for out, ref in ((h, h_ref), (c, c_ref)):
         g1 = torch.autograd.grad(out.sum(), (gates, c_prev), retain_graph=True)
@@ -67,7 +67,7 @@ def test_nan_propagates_not_hidden():
     gates, c_prev = _case(2, 4, torch.float32, "cpu")
     g = gates.detach().clone()
     g[1, 2] = float("nan")  # the i gate of (1, 2)
-    h, c = fastbig.ops.lstm_cell(g, c_prev.detach())
+    h, c = fastbig.ops.lstm_cell_pointwise(g, c_prev.detach())
     assert torch.isnan(h[1, 2]) and torch.isnan(c[1, 2])
     assert torch.isfinite(h[0]).all() and torch.isfinite(c[0]).all()
 
@@ -75,7 +75,7 @@ def test_nan_propagates_not_hidden():
 def test_extreme_preactivations_saturate_without_nan():
     gates = torch.tensor([[1e4, -1e4, 80.0, -80.0]], dtype=torch.float32)
     c_prev = torch.tensor([[0.5]])
-    h, c = fastbig.ops.lstm_cell(gates, c_prev)
+    h, c = fastbig.ops.lstm_cell_pointwise(gates, c_prev)
     h_ref, c_ref = lstm_cell_pointwise(gates.double(), c_prev.double())
     assert_close(c, c_ref, torch.float32)
     assert_close(h, h_ref, torch.float32)
@@ -86,7 +86,7 @@ def test_non_contiguous_inputs():
     gates = base[:, ::2]  # stride 2 along the gate dim
     c_prev = randn(6, 8, dtype=torch.float64).t()
     assert not gates.is_contiguous() and not c_prev.is_contiguous()
-    h, c = fastbig.ops.lstm_cell(gates, c_prev)
+    h, c = fastbig.ops.lstm_cell_pointwise(gates, c_prev)
     h_ref, c_ref = lstm_cell_pointwise(gates, c_prev)
     assert_close(h, h_ref, torch.float64)
     assert_close(c, c_ref, torch.float64)
@@ -94,13 +94,13 @@ def test_non_contiguous_inputs():
 
 def test_empty_batch():
     gates, c_prev = torch.randn(0, 12), torch.randn(0, 3)
-    h, c = fastbig.ops.lstm_cell(gates, c_prev)
+    h, c = fastbig.ops.lstm_cell_pointwise(gates, c_prev)
     assert h.shape == (0, 3) and c.shape == (0, 3)
 
 
 def test_gradcheck_float64():
     gates, c_prev = _case(3, 5, torch.float64, "cpu")
-    assert torch.autograd.gradcheck(fastbig.ops.lstm_cell, (gates, c_prev))
+    assert torch.autograd.gradcheck(fastbig.ops.lstm_cell_pointwise, (gates, c_prev))
 
 
 def test_opcheck():
@@ -117,7 +117,7 @@ def test_torch_compile_fullgraph():
     gates, c_prev = _case(4, 6, torch.float32, "cpu")
 
     def f(g, c):
-        h, c2 = fastbig.ops.lstm_cell(g, c)
+        h, c2 = fastbig.ops.lstm_cell_pointwise(g, c)
         return (h * 2).sum() + c2.sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -132,8 +132,8 @@ def test_torch_compile_fullgraph():
 def test_reference_backend_matches():
     gates, c_prev = _case(3, 11, torch.float64, "cpu")
     with fastbig.backends.use("reference"):
-        h1, c1 = fastbig.ops.lstm_cell(gates, c_prev)
-    h2, c2 = fastbig.ops.lstm_cell(gates, c_prev)
+        h1, c1 = fastbig.ops.lstm_cell_pointwise(gates, c_prev)
+    h2, c2 = fastbig.ops.lstm_cell_pointwise(gates, c_prev)
     assert_close(h2, h1, torch.float64)
     assert_close(c2, c1, torch.float64)
 
@@ -149,7 +149,17 @@ def test_reference_backend_matches():
 ])
 def test_bad_inputs_name_the_argument(args, exc, words):
     with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
-        fastbig.ops.lstm_cell(*args)
+        fastbig.ops.lstm_cell_pointwise(*args)
+
+
+def test_old_op_names_are_aliases():
+    """ops.lstm_cell (now lstm_cell_pointwise) and ops.lstm (now lstm_layer) keep working."""
+    assert fastbig.ops.lstm_cell is fastbig.ops.lstm_cell_pointwise
+    assert fastbig.ops.lstm is fastbig.ops.lstm_layer
+    assert {"lstm", "lstm_cell", "lstm_layer", "lstm_cell_pointwise"} <= set(fastbig.ops.__all__)
+    gates, c_prev = randn(2, 8), randn(2, 2)
+    for a, b in zip(fastbig.ops.lstm_cell(gates, c_prev), fastbig.ops.lstm_cell_pointwise(gates, c_prev)):
+        assert torch.equal(a, b)
 
 
 def test_cpp_checks_guard_direct_op_calls():
@@ -160,7 +170,7 @@ def test_cpp_checks_guard_direct_op_calls():
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     gates, c_prev = _case(33, 53, torch.float32, "cpu")
-    h_cpu, c_cpu = fastbig.ops.lstm_cell(gates, c_prev)
-    h, c = fastbig.ops.lstm_cell(gates.cuda(), c_prev.cuda())
+    h_cpu, c_cpu = fastbig.ops.lstm_cell_pointwise(gates, c_prev)
+    h, c = fastbig.ops.lstm_cell_pointwise(gates.cuda(), c_prev.cuda())
     assert_close(h.cpu(), h_cpu.double(), torch.float32)
     assert_close(c.cpu(), c_cpu.double(), torch.float32)

@@ -185,6 +185,12 @@ def test_fused_equals_twin_and_trains(name):
     assert loss1.item() < loss0.item(), f"{name}: loss {loss0.item():.5f} -> {loss1.item():.5f}"
 
 
+def test_old_model_name_is_an_alias():
+    """models.SelfAttention (a classifier, beside the layer fastbig.nn.SelfAttention) is the old
+    name of models.SelfAttentionClassifier."""
+    assert M.SelfAttention is M.SelfAttentionClassifier and "SelfAttention" in M.__all__
+
+
 def test_twin_is_plain_torch():
     """fused=False holds no fastbig module: the conv blocks are nn.Sequential(Conv2d, BN, ReLU)."""
     twin = M.resnet18(width=4, in_channels=1, num_classes=3, small_input=True, fused=False)

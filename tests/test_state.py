@@ -153,7 +153,7 @@ def test_backend_choice_under_many_threads():
                     if backends.current() != name:
                         errors.append((i, backends.current()))
                     g = torch.randn(2, 8)
-                    fastbig.ops.lstm_cell(g, torch.randn(2, 2))
+                    fastbig.ops.lstm_cell_pointwise(g, torch.randn(2, 2))
         except Exception as e:  # noqa: BLE001
             errors.append((i, repr(e)))
 
@@ -180,10 +180,10 @@ def _leak_case(op):
 
     if op == "lstm_cell":
         a, c = R(2, 16), R(2, 4)
-        return lambda: sum(t.sum() for t in fastbig.ops.lstm_cell(a, c)).backward()
+        return lambda: sum(t.sum() for t in fastbig.ops.lstm_cell_pointwise(a, c)).backward()
     if op == "lstm":
         x, h, c, wi, wh, b = R(3, 2, 4), R(2, 4), R(2, 4), R(16, 4), R(16, 4), R(16)
-        return lambda: fastbig.ops.lstm(x, h, c, wi, wh, b, b)[0].sum().backward()
+        return lambda: fastbig.ops.lstm_layer(x, h, c, wi, wh, b, b)[0].sum().backward()
     if op == "conv_bn_act":
         x, w, bw, bb = R(2, 3, 5, 5), R(4, 3, 3, 3), R(4), R(4)
         rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.zeros((), dtype=torch.long)
@@ -202,10 +202,10 @@ def _leak_case(op):
 
 
 # Iterations (one thread): 10k forward+backward steps of each op, as the reliability issue asks;
-# a tiny step costs ~0.5 ms (lstm_cell) to ~2 ms (conv_bn_act) on this 2-core machine, mostly
-# autograd's Python overhead. The bound scales with the count (20 MiB per 10k steps, at least
-# 4 MiB for allocator noise), i.e. it catches > ~2 KB leaked per step. The Triton interpreter
-# costs ~0.2 s a step: 10 steps there check the launch path, not a long run.
+# a tiny step's cost is mostly autograd's Python overhead. The bound scales with the count
+# (20 MiB per 10k steps, at least 4 MiB for allocator noise), i.e. it catches > ~2 KB leaked per
+# step. The Triton interpreter is slow per step: 10 steps there check the launch path, not a
+# long run.
 LEAK_ITERS = {"lstm_cell": 10_000, "lstm": 10_000, "conv_bn_act": 10_000, "attention": 10_000,
               "attention_triton": 10}
 

@@ -52,10 +52,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         real_save(*args, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(train.loop, "save_checkpoint", save_then_crash)  # what fit calls
     with pytest.raises(KeyboardInterrupt):
         train.main([*base, "--lr-schedule", "cosine", "--out", str(tmp_path / "b")])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train.loop, "save_checkpoint", real_save)
     ck_b = str(tmp_path / "b" / "checkpoint.pt")
     assert torch.load(ck_b, weights_only=True)["epoch"] == 1
     assert train.main(["--resume", ck_b, "--quiet"]) == 0
@@ -165,3 +165,30 @@ def test_list_and_demo(capsys):
     assert train.demo_main(epochs=1, limit=24) == 0
     out = capsys.readouterr().out
     assert "fastbig (fused)" in out and "torch.nn twin" in out and "s/epoch" in out
+
+
+def test_progress_bar_lines_each_and_last():
+    """The one progress bar of train and bench, off a terminal: one line per update (bench's log)
+    or one line when closed (an epoch of fastbig train)."""
+    import io
+
+    from fastbig._progress import Progress
+
+    out = io.StringIO()
+    p = Progress(4, stream=out)
+    p.update("case a", 1)
+    p.update("case b", 3)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[######..................] 1/4 ") and lines[0].endswith("s case a")
+    assert lines[1].startswith("[########################] 4/4 ")
+    out = io.StringIO()
+    p = Progress(3, "epoch 1/2", stream=out, lines="last", clock=False)
+    for step in range(3):
+        p.update(f"loss {step}", 1)
+    assert out.getvalue() == ""
+    p.close()
+    assert out.getvalue() == "epoch 1/2 [########################] 3/3 loss 2\n"
+    assert train.Progress is Progress
+    with pytest.raises(ValueError, match="lines must be"):
+        Progress(1, lines="some")

@@ -11,7 +11,7 @@
 #pragma once
 #include <cstdint>
 
-#include "common/hd.h"
+#include "common/host_device.h"
 
 namespace fastbig {
 

@@ -17,7 +17,7 @@
 
 #include "conv_bn_relu/conv_bn_relu_math.h"
 #include "common/blas.h"
-#include "conv_bn_relu/cpu_clones.h"
+#include "common/cpu_clones.h"
 
 namespace fastbig {
 namespace cbr {

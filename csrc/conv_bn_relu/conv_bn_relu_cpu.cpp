@@ -17,7 +17,7 @@
 #include "common/welford.h"
 #include "conv_bn_relu/conv_bn_relu.h"
 #include "conv_bn_relu/conv_bn_relu_math.h"
-#include "conv_bn_relu/cpu_clones.h"
+#include "common/cpu_clones.h"
 
 namespace fastbig {
 namespace cbr {
@@ -116,7 +116,7 @@ FB_CPU_INLINE Welford<acc_t> chunk_stats_t(const scalar_t* p, int64_t len) {
 // One plane (NCHW: HW elements of one channel) or one block of rows (channels_last) per call, the
 // activation a compile-time constant inside. Like the channels_last backward below, these entry
 // points are built twice (cpu_clones.h): the extension targets baseline x86-64, where the loops
-// get SSE2 only. Measured N8 C64 56x56 NCHW, 1 thread: the backward op 0.92 -> 0.60 ms.
+// get SSE2 only.
 template <int64_t act, typename scalar_t, typename acc_t>
 FB_CPU_INLINE void nchw_norm_plane_t(const scalar_t* __restrict__ z, scalar_t* __restrict__ y, int64_t len, acc_t m,
                                      acc_t a, acc_t be, acc_t slope) {
@@ -313,8 +313,7 @@ void normalize_act(const scalar_t* z, scalar_t* y, Layout layout, int64_t N, int
 // the per-channel parameters read from small L1-resident arrays. Two things make these loops
 // vector code: the dz coefficients come as three scalars (bn_backward_elem's scalar form; a
 // BackwardCoeffs struct built per element left the loop scalar), and the loops are cloned for
-// AVX2 (cpu_clones.h; the extension itself is built for baseline x86-64). Measured N8 C64 56x56,
-// 1 thread: the channels_last backward went from ~1.45x the NCHW one's time to ~0.85-0.95x.
+// AVX2 (cpu_clones.h; the extension itself is built for baseline x86-64).
 template <int64_t act, typename scalar_t, typename acc_t>
 FB_CPU_INLINE void nhwc_sums_rows_t(const scalar_t* dy, const scalar_t* z, int64_t C, int64_t r0, int64_t r1,
                                     const acc_t* __restrict__ mp, const acc_t* __restrict__ ap,

@@ -20,7 +20,7 @@
 #pragma once
 #include <cstdint>
 
-#include "common/hd.h"
+#include "common/host_device.h"
 #include "common/welford.h"
 
 namespace fastbig {

@@ -1,6 +1,6 @@
 // The whole-layer LSTM driver, shared by the CPU and CUDA builds: argument checks, the GEMMs
 // (ATen: MKL/oneDNN on CPU, cuBLAS on GPU) and the time loop. The per-step fused pointwise
-// kernels are supplied by lstm_cpu.cpp / lstm_cuda.cu through the two function pointers below.
+// kernels are supplied by lstm_layer_cpu.cpp / lstm_cuda.cu through the two function pointers below.
 //
 // Layout (the cuDNN "packed" layout): x is [N, I], the time-major concatenation of steps;
 // step t holds the first bs[t] rows of the batch (batch_sizes non-increasing, as in a

@@ -10,11 +10,11 @@
 //   dc_prev = dc_total * f
 //
 // The formulas are written once, templated on the value type T and on a math policy M that
-// supplies sigmoid and tanh. Scalars (float, double; host or device) use ScalarMath, which calls
-// common/hd.h. The CPU layer loop also instantiates them on an 8-wide SIMD float type with its
-// own vector sigmoid/tanh (lstm_simd.h): the cell algebra stays this one definition.
+// supplies sigmoid and tanh. Scalars (float, double; host or device) use ScalarMath, which
+// calls common/host_device.h. The CPU layer loop also instantiates them on an 8-wide SIMD float
+// type with its own vector sigmoid/tanh (lstm_simd.h): the cell algebra stays this one definition.
 #pragma once
-#include "common/hd.h"
+#include "common/host_device.h"
 
 namespace fastbig {
 namespace lstm {

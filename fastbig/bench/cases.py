@@ -37,6 +37,8 @@ TOL = {
 TOL_TRITON_TF32 = 3e-4
 
 OPS = ("attention", "lstm", "conv_bn_relu", "models")
+# asked for by name only, not part of "all": transformers models (fastbig/bench/hf_cases.py)
+EXTRA_OPS = ("transformers",)
 
 
 def tolerance(dtype: torch.dtype, device: str) -> float:
@@ -764,11 +766,14 @@ def get_cases(op: str = "all", device: str = "cpu", *, quick: bool = False,
     """The cases of ``op`` ('all' for every op) on ``device``; quick/smoke are smaller runs."""
     ops = OPS if op == "all" else (op,)
     for o in ops:
-        if o not in OPS:
-            raise ValueError(f"op: expected one of {OPS + ('all',)}, got {o!r}")
+        if o not in OPS + EXTRA_OPS:
+            raise ValueError(f"op: expected one of {OPS + EXTRA_OPS + ('all',)}, got {o!r}")
     cases: List[Case] = []
     for o in ops:
-        if smoke:
+        if o == "transformers":
+            from .hf_cases import hf_cases
+            cases += hf_cases(device, quick=quick, smoke=smoke)
+        elif smoke:
             cases += _smoke_cases(o)
         elif device == "cuda":
             cases += _gpu_cases(o, quick)

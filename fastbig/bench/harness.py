@@ -142,6 +142,12 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {s[0][:200]}" if s else type(e).__name__
 
 
+def impl_selected(name: str, filters) -> bool:
+    """--impl: a filter selects the implementations whose name contains it; "=NAME" only NAME
+    ("=fastbig" keeps fastbig without fastbig-ref)."""
+    return any(name == f[1:] if f.startswith("=") else f in name for f in filters)
+
+
 def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: bool, smoke: bool,
              progress: Optional[Progress] = None, impl_filter=None) -> dict:
     tol = tolerance(dtype, device)
@@ -158,7 +164,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
 
     impls = [i for i in case.impls if device in i.devices]
     if impl_filter:
-        impls = [i for i in impls if any(f in i.name for f in impl_filter)]
+        impls = [i for i in impls if impl_selected(i.name, impl_filter)]
     if any(i.compiled for i in impls) and case.compile_ok:
         try:   # fresh compile caches: no recompile limit reached across cases
             importlib.import_module("torch._dynamo").reset()
@@ -255,10 +261,16 @@ def run_case(case: Case, device: str, dtype: torch.dtype, *, seed: int, quick: b
     return rec
 
 
+def _not_run(c: Case, dt, note: str) -> dict:
+    return {"op": c.op, "case": c.name, "mode": c.mode, "dtype": str(dt).replace("torch.", ""),
+            "params": c.params, "work": c.work_for(dt), "unit": c.unit, "eager": c.eager,
+            "size": c.size, "goals": [], "impls": [], "note": note}
+
+
 def _steps(case: Case, device: str, impl_filter) -> int:
     impls = [i for i in case.impls if device in i.devices]
     if impl_filter:
-        impls = [i for i in impls if any(f in i.name for f in impl_filter)]
+        impls = [i for i in impls if impl_selected(i.name, impl_filter)]
     return len(impls) + 1
 
 
@@ -330,7 +342,8 @@ def parse_args(argv):
                     "side on the same inputs; each result is checked against a float64 oracle "
                     "before it is timed. Exit code 1 if a fastbig implementation is WRONG or fails.")
     p.add_argument("--op", default="all",
-                   help="attention | lstm | conv_bn_relu | models | all (comma-separated list ok)")
+                   help="attention | lstm | conv_bn_relu | models | all | transformers (not in all; "
+                        "comma-separated list ok)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when there is a GPU)")
     p.add_argument("--dtype", default=None,
                    help="comma-separated: float32, float16, bfloat16 (default: float32 on CPU, "
@@ -341,11 +354,15 @@ def parse_args(argv):
     p.add_argument("--case", action="append", default=None,
                    help="only cases whose name contains this (repeatable)")
     p.add_argument("--impl", action="append", default=None,
-                   help="only implementations whose name contains this (repeatable)")
+                   help="only implementations whose name contains this, or is exactly NAME for "
+                        "=NAME (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 samples: the test suite's run")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="time budget: no case starts once the elapsed time plus the longest case so "
+                        "far would pass it; the cases left out are listed as not run (bench/gpu_run.sh)")
     args = p.parse_args(argv)
     args.argv = list(argv)
     return p, args
@@ -392,7 +409,7 @@ def main(argv=None) -> int:
               f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})", file=sys.stderr)
         return 2
     ops = [o.strip() for o in args.op.split(",") if o.strip()]
-    bad = [o for o in ops if o not in cases_mod.OPS + ("all",)]
+    bad = [o for o in ops if o not in cases_mod.OPS + cases_mod.EXTRA_OPS + ("all",)]
     if bad or not ops:
         print(f"fastbig bench: --op: expected one of {', '.join(cases_mod.OPS + ('all',))}, "
               f"got {args.op!r}", file=sys.stderr)
@@ -450,17 +467,22 @@ def _run(args, device, ops, dtypes) -> int:
     work = [(c, dt) for dt in dtypes for c in all_cases]
     prog = Progress(sum(_steps(c, device, args.impl) for c, _ in work))
     recs = []
+    longest = 0.0
     try:
         for i, (c, dt) in enumerate(work):
+            now = time.perf_counter() - prog.t0
+            if args.budget is not None and now + longest > args.budget:
+                recs.append(_not_run(c, dt, f"not run: --budget {args.budget:g} s "
+                                            f"({now:.0f} s elapsed, longest case {longest:.0f} s)"))
+                continue
+            t_case = time.perf_counter()
             try:
                 recs.append(run_case(c, device, dt, seed=args.seed * 1000 + i, quick=args.quick,
                                      smoke=args.smoke, progress=prog, impl_filter=args.impl))
             except Exception as e:       # a case that cannot even make its inputs
-                recs.append({"op": c.op, "case": c.name, "mode": c.mode,
-                             "dtype": str(dt).replace("torch.", ""), "params": c.params,
-                             "work": c.work_for(dt), "unit": c.unit, "eager": c.eager, "size": c.size,
-                             "goals": [], "impls": [], "note": f"case failed: {_first_line(e)}",
-                             "traceback": traceback.format_exc(limit=8)})
+                recs.append(dict(_not_run(c, dt, f"case failed: {_first_line(e)}"),
+                                 traceback=traceback.format_exc(limit=8)))
+            longest = max(longest, time.perf_counter() - t_case)
     finally:
         prog.close()
     meta["elapsed_s"] = time.perf_counter() - prog.t0

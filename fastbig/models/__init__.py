@@ -7,7 +7,8 @@ from .resnet import BasicBlock, ResNet, resnet18, resnet34
 from .sequence import LSTMClassifier, SelfAttentionClassifier
 from .transformer import BertEncoder, Transformer
 
-SelfAttention = SelfAttentionClassifier  # the name for the model around fastbig.nn.SelfAttention
+# The old name, kept for code that has it (fastbig.nn.SelfAttention is the layer; this is a classifier).
+SelfAttention = SelfAttentionClassifier
 
 __all__ = ["SimpleCNN", "BigModel", "MNISTNet", "MLP", "Autoencoder", "WideDeep", "LSTMClassifier",
            "SelfAttention", "SelfAttentionClassifier", "Transformer", "BertEncoder", "DCGAN",

@@ -9,16 +9,7 @@ import math
 import torch
 from torch import nn
 
-
-def _fnn(name: str):
-    """A class from fastbig.nn, with a clear error if that layer is not available."""
-    from .. import nn as fnn
-
-    cls = getattr(fnn, name, None)
-    if cls is None:
-        raise ImportError(f"fastbig.nn.{name} is not available in this build of fastbig; "
-                          f"build the model with fused=False for the torch.nn twin")
-    return cls
+from .. import nn as fnn
 
 
 def _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype):
@@ -39,12 +30,12 @@ def conv_bn_act(fused: bool, act: str, in_channels, out_channels, kernel_size, s
               track_running_stats=track_running_stats, device=device, dtype=dtype)
     if fused:
         if act == "relu":
-            return _fnn("ConvBnReLU2d")(in_channels, out_channels, kernel_size, **kw)
+            return fnn.ConvBnReLU2d(in_channels, out_channels, kernel_size, **kw)
         if act == "leaky_relu":
-            return _fnn("ConvBnLeakyReLU2d")(in_channels, out_channels, kernel_size,
-                                             negative_slope=negative_slope, **kw)
+            return fnn.ConvBnLeakyReLU2d(in_channels, out_channels, kernel_size,
+                                         negative_slope=negative_slope, **kw)
         if act == "none":
-            return _fnn("ConvBn2d")(in_channels, out_channels, kernel_size, **kw)
+            return fnn.ConvBn2d(in_channels, out_channels, kernel_size, **kw)
         raise ValueError(f"conv_bn_act: act must be 'relu', 'leaky_relu' or 'none', got {act!r}")
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                      dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
@@ -66,10 +57,10 @@ def conv_transpose_bn_relu(fused: bool, in_channels, out_channels, kernel_size, 
     kw = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups,
               bias=bias, dilation=dilation)
     if fused:
-        return _fnn("ConvTransposeBnReLU2d")(in_channels, out_channels, kernel_size, eps=eps,
-                                             momentum=momentum, affine=affine,
-                                             track_running_stats=track_running_stats,
-                                             device=device, dtype=dtype, **kw)
+        return fnn.ConvTransposeBnReLU2d(in_channels, out_channels, kernel_size, eps=eps,
+                                         momentum=momentum, affine=affine,
+                                         track_running_stats=track_running_stats,
+                                         device=device, dtype=dtype, **kw)
     return nn.Sequential(
         nn.ConvTranspose2d(in_channels, out_channels, kernel_size, device=device, dtype=dtype, **kw),
         _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype),
@@ -77,15 +68,15 @@ def conv_transpose_bn_relu(fused: bool, in_channels, out_channels, kernel_size, 
 
 
 def lstm(fused: bool, *args, **kwargs) -> nn.Module:
-    return (_fnn("LSTM") if fused else nn.LSTM)(*args, **kwargs)
+    return (fnn.LSTM if fused else nn.LSTM)(*args, **kwargs)
 
 
 def lstm_cell(fused: bool, *args, **kwargs) -> nn.Module:
-    return (_fnn("LSTMCell") if fused else nn.LSTMCell)(*args, **kwargs)
+    return (fnn.LSTMCell if fused else nn.LSTMCell)(*args, **kwargs)
 
 
 def multihead_attention(fused: bool, *args, **kwargs) -> nn.Module:
-    return (_fnn("MultiheadAttention") if fused else nn.MultiheadAttention)(*args, **kwargs)
+    return (fnn.MultiheadAttention if fused else nn.MultiheadAttention)(*args, **kwargs)
 
 
 class TorchSelfAttention(nn.Module):
@@ -114,7 +105,7 @@ class TorchSelfAttention(nn.Module):
 
 def self_attention(fused: bool, embed_dim: int, bias: bool = True, causal: bool = False) -> nn.Module:
     if fused:
-        return _fnn("SelfAttention")(embed_dim, bias=bias, causal=causal)
+        return fnn.SelfAttention(embed_dim, bias=bias, causal=causal)
     return TorchSelfAttention(embed_dim, bias=bias, causal=causal)
 
 

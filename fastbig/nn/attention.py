@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..ops._checks import DtypeError
 from ..ops.attention import attention as _attention
 
-__all__ = ["MultiheadAttention", "SelfAttention"]
+__all__ = ["MultiheadAttention", "SelfAttention", "MHA_FORWARD_ARGUMENTS"]
 
 
 def _to_additive(mask: Tensor, dtype) -> Tensor:
@@ -34,6 +34,22 @@ def _check_like_params(op: str, param: Tensor, **inputs) -> None:
         if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
             raise DtypeError(f"{op}: {name} must have the module's parameter dtype {param.dtype}, got "
                             f"{t.dtype} (convert the input, or the module with .to({t.dtype}))")
+
+
+#: Every forward argument of torch.nn.MultiheadAttention and what fastbig's does with it
+#: (tests/test_transformers.py checks the list against torch's own signature).
+MHA_FORWARD_ARGUMENTS = {
+    "query": "implemented: [L, E] / [L, B, E] / [B, L, E] (batch_first), torch's layouts",
+    "key": "implemented: as query, with kdim",
+    "value": "implemented: as query, with vdim",
+    "key_padding_mask": "implemented: bool (True = padded) or additive float [B, S]",
+    "need_weights": "False: fastbig's kernel; True (torch's default): handed back to torch's own "
+                    "implementation, which returns the weights",
+    "attn_mask": "implemented: bool (True = masked out) or additive float, [L, S] or [B*H, L, S]",
+    "average_attn_weights": "handed back with need_weights=True (weights only exist there)",
+    "is_causal": "implemented: the hint replaces attn_mask by the causal flag (as torch), or keeps "
+                 "the mask when a key_padding_mask is given",
+}
 
 
 class MultiheadAttention(nn.MultiheadAttention):

@@ -10,9 +10,9 @@ either way. ``forward`` runs ``fastbig.ops.conv_bn_act``:
   ``block.bn.eval()`` in a training model uses its running statistics);
 - eval with running statistics: BatchNorm folded into the conv weight and bias, cached here and
   recomputed when any of conv.weight/bias, bn.weight/bias/running_mean/running_var (their
-  ``_version`` or storage) or bn.eps changes; then the conv with the activation fused into it
-  (a oneDNN post-op on CPU float32 without autograd, fastbig.ops.conv_bn_relu._conv_act), or
-  applied in place to the conv's fresh output.
+  ``_version`` or storage) or bn.eps changes; then ``fastbig.ops.conv_act`` (which path runs is
+  its choice; its unchecked form, the layers were checked when built), given the folded weight
+  prepacked for oneDNN, also cached here.
 """
 from __future__ import annotations
 
@@ -176,21 +176,11 @@ class _ConvBnAct(nn.Sequential):
         w, b = self._folded()
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__}: input must be 4-D [N, C, H, W], got {x.dim()}-D")
-        if self._transposed:
-            _ops._check_output_padding(conv.output_padding, conv.stride, conv.dilation, True)
-            return _ops._conv_act(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, True,
-                                  conv.output_padding, activation, slope)
-        if conv.padding_mode == "zeros":
-            if not x.is_contiguous() and _ops._onednn_conv_act_ok(x, w, b, conv.padding, False) \
-                    and not _ops._conv1x1_act_ok(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                                 False):
-                # channels_last input: the folded weight prepacked for oneDNN, cached beside the fold
-                return _ops._onednn_conv_act(x, self._packed(x, w), b, conv.stride, conv.padding, conv.dilation,
-                                             conv.groups, False, 0, activation, slope)
-            return _ops._conv_act(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, False, 0,
-                                  activation, slope)
-        z = conv._conv_forward(x, w, b)  # pads per padding_mode, then the conv
-        return _ops._activation_(z, activation, slope)
+        return _ops.conv_act_unchecked(x, w, b, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                       groups=conv.groups, transposed=self._transposed,
+                                       output_padding=getattr(conv, "output_padding", 0),
+                                       padding_mode=conv.padding_mode, activation=activation, negative_slope=slope,
+                                       packed=lambda: self._packed(x, w))
 
 
 def _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops
-from ..ops._checks import DtypeError
+from ..errors import DtypeError
 from ..ops.lstm import lstm_cell_step_unchecked
 
 __all__ = ["LSTM", "LSTMCell"]
 
 
 class LSTM(torch.nn.RNNBase):
-    """torch.nn.LSTM whose layers run fastbig.ops.lstm (one fused op per layer and direction).
+    """torch.nn.LSTM whose layers run fastbig.ops.lstm_layer (one fused op per layer and direction).
 
     Same constructor as torch.nn.LSTM: (input_size, hidden_size, num_layers=1, bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None).
@@ -97,8 +97,8 @@ class LSTM(torch.nn.RNNBase):
             outs = []
             for d in range(D):
                 k = layer * D + d
-                y, h, c = ops.lstm(layer_in, h0[k], c0[k], *self._layer_weights(layer, d),
-                                   batch_sizes=batch_sizes, reverse=d == 1)
+                y, h, c = ops.lstm_layer(layer_in, h0[k], c0[k], *self._layer_weights(layer, d),
+                                         batch_sizes=batch_sizes, reverse=d == 1)
                 outs.append(y)
                 h_n.append(h)
                 c_n.append(c)

@@ -5,13 +5,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from ..errors import DtypeError  # noqa: F401  (raised here; importable from here as before)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class DtypeError(TypeError, RuntimeError):
-    """A tensor of the wrong dtype. A TypeError, as fastbig's checks raise, and a RuntimeError, as
-    torch.nn raises for the same mismatch ("mat1 and mat2 must have the same dtype", "Input type
-    (double) and bias type (float) should be the same"): code written for either catches it."""
 
 
 def check_tensor(op: str, name: str, t, *, dtypes: Optional[Iterable[torch.dtype]] = FLOAT_DTYPES,

@@ -51,18 +51,22 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                 cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                 max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
-                window_right: int, dropout_p: float, seed: Optional[torch.Tensor]
+                window_right: int, dropout_p: float, seed: Optional[torch.Tensor],
+                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                alibi_slopes: Optional[torch.Tensor] = None, bottom_right: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     return _kernels().attention_forward(
         q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
-        dropout_p=dropout_p, seed=0 if seed is None else int(seed.item()))
+        dropout_p=dropout_p, seed=0 if seed is None else int(seed.item()), softcap=softcap,
+        sinks=sinks, alibi_slopes=alibi_slopes, bottom_right=bottom_right)
 
 
 @_flash_attn.register_fake
 def _flash_attn_fake(q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, dropout_p, seed):
+                     max_seqlen_q, max_seqlen_k, scale, window_left, window_right, dropout_p, seed,
+                     softcap=0.0, sinks=None, alibi_slopes=None, bottom_right=False):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if cu_seqlens_q is not None:
         lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
@@ -78,48 +82,56 @@ def _flash_attn_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                          max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
                          window_right: int, dropout_p: float, seed: Optional[torch.Tensor],
-                         mask_grad: bool) -> List[torch.Tensor]:
-    dq, dk, dv, dmask = _kernels().attention_backward(
+                         mask_grad: bool, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                         alibi_slopes: Optional[torch.Tensor] = None, bottom_right: bool = False
+                         ) -> List[torch.Tensor]:
+    dq, dk, dv, dmask, dsinks = _kernels().attention_backward(
         grad_out, q, k, v, out, lse, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
-        dropout_p=dropout_p, seed=0 if seed is None else int(seed.item()), mask_grad=mask_grad)
-    if dmask is None:
-        dmask = q.new_empty(0, dtype=torch.float32)
-    else:
-        dmask = dmask.sum_to_size(attn_mask.shape)
-    return [dq, dk, dv, dmask]
+        dropout_p=dropout_p, seed=0 if seed is None else int(seed.item()), mask_grad=mask_grad,
+        softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, bottom_right=bottom_right)
+    # dmask comes in the mask's own shape (summed over its broadcast dims by the kernels)
+    dmask = q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
+    dsinks = q.new_empty(0, dtype=torch.float32) if dsinks is None else dsinks
+    return [dq, dk, dv, dmask, dsinks]
 
 
 @_flash_attn_backward.register_fake
 def _flash_attn_backward_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                              window_left, window_right, dropout_p, seed, mask_grad):
+                              window_left, window_right, dropout_p, seed, mask_grad, softcap=0.0,
+                              sinks=None, alibi_slopes=None, bottom_right=False):
     mg = mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
     dmask = q.new_empty(attn_mask.shape if mg else (0,), dtype=torch.float32)
+    dsinks = q.new_empty((q.shape[1],) if sinks is not None else (0,), dtype=torch.float32)
     return [torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), dmask]
+            torch.empty_like(v, memory_format=torch.contiguous_format), dmask, dsinks]
 
 
 def _flash_setup(ctx, inputs, output):
-    (q, k, v, attn_mask, kpm, cuq, cuk, msq, msk, scale, wl, wr, p, seed) = inputs
+    (q, k, v, attn_mask, kpm, cuq, cuk, msq, msk, scale, wl, wr, p, seed,
+     softcap, sinks, alibi, bottom_right) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, kpm, cuq, cuk, seed)
-    ctx.args = (msq, msk, scale, wl, wr, p)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, kpm, cuq, cuk, seed, sinks, alibi)
+    ctx.args = (msq, msk, scale, wl, wr, p, softcap, bottom_right)
     ctx.mark_non_differentiable(lse)
 
 
 def _flash_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, attn_mask, kpm, cuq, cuk, seed = ctx.saved_tensors
-    msq, msk, scale, wl, wr, p = ctx.args
+    q, k, v, out, lse, attn_mask, kpm, cuq, cuk, seed, sinks, alibi = ctx.saved_tensors
+    msq, msk, scale, wl, wr, p, softcap, bottom_right = ctx.args
     if grad_out is None:
-        return (None,) * 14
+        return (None,) * 18
     mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dmask = _flash_attn_backward(grad_out, q, k, v, out, lse, attn_mask, kpm, cuq, cuk,
-                                             msq, msk, scale, wl, wr, p, seed, mask_grad)
+    dq, dk, dv, dmask, dsinks = _flash_attn_backward(
+        grad_out, q, k, v, out, lse, attn_mask, kpm, cuq, cuk, msq, msk, scale, wl, wr, p, seed,
+        mask_grad, softcap, sinks, alibi, bottom_right)
     dmask = dmask.to(attn_mask.dtype) if mask_grad else None
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None, None
+    dsinks = dsinks.to(sinks.dtype) if sinks is not None and ctx.needs_input_grad[15] else None
+    # alibi_slopes get no gradient here: slopes that require grad take the reference (ops gate)
+    return (dq, dk, dv, dmask) + (None,) * 11 + (dsinks, None, None)
 
 
 _flash_attn.register_autograd(_flash_backward, setup_context=_flash_setup)
@@ -251,7 +263,7 @@ def _check_inputs(q, k, v, attn_mask, key_padding_mask):
 
 
 # ---- dispatch -------------------------------------------------------------------------------
-def _triton_ok(q, D, dropout_p, Sq, Sk) -> Tuple[bool, str]:
+def _triton_ok(q, D, dropout_p, Sq, Sk, feats=None) -> Tuple[bool, str]:
     ok, why = backends.triton_available(q.device)
     if not ok:
         return ok, why
@@ -263,21 +275,16 @@ def _triton_ok(q, D, dropout_p, Sq, Sk) -> Tuple[bool, str]:
         return False, f"the Triton kernel takes head dims up to {_MAX_HEAD_DIM}, got {D}"
     if dropout_p > 0 and Sq * Sk >= 2 ** 31:
         return False, "dropout needs Sq * Sk < 2**31 (Philox counters are int32)"
+    if feats is not None and feats.alibi_slopes is not None and feats.alibi_slopes.requires_grad:
+        return False, "the Triton kernel gives alibi_slopes no gradient (the reference does)"
     return True, ""
-
-
-# The features of _Features that the Triton kernels implement.
-_TRITON_FEATURES = frozenset()
 
 
 def _backend(q, D, dropout_p, Sq, Sk, *, cpu_ok=(True, ""), feats=None) -> str:
     fast = {}
     triton_ok = None
     if q.device.type == "cuda" or backends.current() == "triton":
-        triton_ok = _triton_ok(q, D, dropout_p, Sq, Sk)
-        missing = [n for n in (feats.names if feats else ()) if n not in _TRITON_FEATURES]
-        if triton_ok[0] and missing:
-            triton_ok = (False, f"the Triton kernel has no {', '.join(missing)}")
+        triton_ok = _triton_ok(q, D, dropout_p, Sq, Sk, feats)
     if q.device.type == "cuda":
         fast["triton"] = triton_ok
     elif q.device.type == "cpu":
@@ -434,7 +441,8 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
                           return_lse, feats)
     seed = _new_seed() if dropout_p > 0 else None
     out, lse = _flash_attn(q, k, v, attn_mask, key_padding_mask, None, None, Sq, Sk, scale_f,
-                           left, right, float(dropout_p), seed)
+                           left, right, float(dropout_p), seed, feats.softcap, feats.sinks,
+                           feats.alibi_slopes, feats.bottom_right)
     return (out, lse) if return_lse else out
 
 
@@ -500,7 +508,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         cuq = cu_seqlens_q.to(torch.int32)
         cuk = cu_seqlens_k.to(torch.int32)
         out, lse = _flash_attn(q, k, v, None, None, cuq, cuk, int(max_seqlen_q), int(max_seqlen_k),
-                               scale_f, left, right, float(dropout_p), seed)
+                               scale_f, left, right, float(dropout_p), seed, feats.softcap,
+                               feats.sinks, feats.alibi_slopes, feats.bottom_right)
         return (out, lse) if return_lse else out
     # CPU / reference: one batched call per sequence.
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

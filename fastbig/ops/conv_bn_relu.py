@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import backends
 from .._extension import has_op
 from ..reference import conv_bn_relu as ref
-from ._checks import DtypeError, check_tensor
+from ._checks import DtypeError, check_same, check_tensor
 
 _OP = "conv_bn_act"
 ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2}
@@ -122,13 +122,13 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _check_activation(activation, negative_slope):
+def _check_activation(activation, negative_slope, op=_OP):
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{_OP}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(f"{op}: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if not _is_number(negative_slope):  # (the kernels take it whatever the activation)
-        raise TypeError(f"{_OP}: negative_slope must be a number, got {type(negative_slope).__name__}")
+        raise TypeError(f"{op}: negative_slope must be a number, got {type(negative_slope).__name__}")
     if activation == "leaky_relu" and not (0 < negative_slope < math.inf):
-        raise ValueError(f"{_OP}: negative_slope must be a number > 0 for leaky_relu (finite: the fused "
+        raise ValueError(f"{op}: negative_slope must be a number > 0 for leaky_relu (finite: the fused "
                          f"kernels' gradient needs it), got {negative_slope!r}")
 
 
@@ -137,22 +137,22 @@ def _check_eps(eps):
         raise ValueError(f"{_OP}: eps must be a number > 0, got {eps!r} (expected a finite float)")
 
 
-def _check_output_padding(output_padding, stride, dilation, transposed):
+def _check_output_padding(output_padding, stride, dilation, transposed, op=_OP):
     """As torch's conv_transpose2d: each output_padding < max(stride, dilation); a conv (not
     transposed) has none (a nonzero one would be silently ignored)."""
     if isinstance(output_padding, (str, bool)):
-        raise TypeError(f"{_OP}: output_padding must be an int or a pair of ints, got {output_padding!r}")
+        raise TypeError(f"{op}: output_padding must be an int or a pair of ints, got {output_padding!r}")
     op = _pair(output_padding)
     if not transposed:
         if any(o != 0 for o in op):
-            raise ValueError(f"{_OP}: output_padding applies to transposed convolutions only; got "
+            raise ValueError(f"{op}: output_padding applies to transposed convolutions only; got "
                              f"output_padding={output_padding!r} with transposed=False")
         return
     if isinstance(stride, str) or isinstance(dilation, str):
         return  # torch's conv says what is wrong with those
     for o, s, d in zip(op, _pair(stride), _pair(dilation)):
         if not 0 <= o < max(s, d):
-            raise RuntimeError(f"{_OP}: output_padding must be >= 0 and smaller than either stride or "
+            raise RuntimeError(f"{op}: output_padding must be >= 0 and smaller than either stride or "
                                f"dilation, got output_padding={tuple(op)} with stride={tuple(_pair(stride))}, "
                                f"dilation={tuple(_pair(dilation))}")
 
@@ -203,16 +203,6 @@ def _check_bn(z, weight, bias, running_mean, running_var, num_batches_tracked, t
                              f"{list(z.shape)}")
 
 
-def _backend(device) -> str:
-    fast = {}
-    ok = backends.extension_available(device) if has_op("bn_act_forward") else (False, "bn_act not built")
-    if device.type == "cuda":
-        fast["cuda"] = ok
-    elif device.type == "cpu":
-        fast["cpu"] = ok
-    return backends.resolve(_OP, device, fast=fast)
-
-
 def _activation_(z, activation, negative_slope):
     """The activation in place on a fresh tensor (the conv's own output)."""
     if activation == "relu":
@@ -252,9 +242,9 @@ def _onednn_conv_act_ok(x, weight, bias, padding, transposed) -> bool:
         return False
     if x.is_contiguous():  # (a channels_last weight would make torch's conv write channels_last)
         one_by_one = tuple(weight.shape[-2:]) == (1, 1)
-        # oneDNN reorders the dense weight on every call: below ~50 MFLOP that costs more than the
-        # separate activation pass it saves (measured 1 thread, N1 C64 7x7 3x3: 147 us vs 98 us for
-        # torch's conv + relu_; even at N1 C64 28x28). Stride-1 estimate: 2 * N * H * W * |weight|.
+        # oneDNN reorders the dense weight on every call: below _ONEDNN_MIN_FLOP that costs more
+        # than the separate activation pass it saves (torch's conv + relu_ win there).
+        # Stride-1 estimate: 2 * N * H * W * |weight|.
         small = 2 * x.shape[0] * x.shape[2] * x.shape[3] * weight.numel() < _ONEDNN_MIN_FLOP
         return weight.is_contiguous() and not small and not (one_by_one and not transposed
                                                              and torch.get_num_threads() == 1)
@@ -281,11 +271,10 @@ def onednn_pack_conv_weight(weight, stride, padding, dilation, groups, input_siz
     """``weight`` reordered once into the blocked layout oneDNN's conv picks for inputs of
     ``input_size`` (an opaque mkldnn tensor, for _onednn_conv_act only). Worth it for channels_last
     inputs (a packed weight makes oneDNN write channels_last output, so NCHW inputs keep the dense
-    weight): measured here, 1x1 C64->64 56x56 N8 2.8 ms vs 4.5 ms with the dense weight, which
-    oneDNN reorders on every call."""
+    weight): the dense weight, which oneDNN reorders on every call, is the slower there."""
     with torch.no_grad():
-        return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), _pair(padding), _pair(stride), _pair(dilation),
-                                                           groups, list(input_size))
+        return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), _pair(padding), _pair(stride),
+                                                            _pair(dilation), groups, list(input_size))
 
 
 def _conv1x1_act_ok(x, weight, bias, stride, padding, dilation, groups, transposed) -> bool:
@@ -293,8 +282,7 @@ def _conv1x1_act_ok(x, weight, bias, stride, padding, dilation, groups, transpos
     not transposed) on CPU float32/float64 without autograd, torch built with MKL (the op calls
     the BLAS GEMM torch exports), not under torch.compile, backend not forced to the reference.
     NCHW inputs only: for channels_last, oneDNN's prepacked conv with the activation post-op is
-    faster (measured N8 C64->64 56x56: 2.87 vs 3.00 ms at 1 thread, 1.47 vs 1.72 ms at 2), so
-    those stay with _onednn_conv_act (the op itself takes channels_last too)."""
+    faster, so those stay with _onednn_conv_act (the op itself takes channels_last too)."""
     if torch.compiler.is_compiling() or transposed or groups != 1 or x.device.type != "cpu":
         return False
     if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
@@ -355,6 +343,83 @@ def _cpu_add_relu_ok(x, weight, bias) -> bool:
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))))
 
 
+
+def _reversed_padding_repeated_twice(padding, weight, dilation):
+    """F.pad's padding for a conv's ``padding`` (ints or "same"/"valid"), as nn.Conv2d computes
+    its own ``_reversed_padding_repeated_twice`` for a padding_mode other than "zeros"."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        out = [0, 0, 0, 0]
+        for d, k, i in zip(_pair(dilation), weight.shape[-2:], (1, 0)):
+            total = d * (k - 1)
+            out[2 * i], out[2 * i + 1] = total // 2, total - total // 2
+        return out
+    ph, pw = _pair(padding)
+    return [pw, pw, ph, ph]
+
+
+def conv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride=1,
+             padding=0, dilation=1, groups: int = 1, transposed: bool = False, output_padding=0,
+             padding_mode: str = "zeros", activation: str = "relu", negative_slope: float = 0.01,
+             packed: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+    """act(conv(x, weight) + bias) with Conv2d (ConvTranspose2d when ``transposed``) arguments and
+    no batch norm: the eval-mode conv of a block whose BatchNorm is folded into ``weight`` and
+    ``bias`` (see fold_bn). For inference; differentiable (the paths below that have no backward
+    are taken only when no input requires grad).
+
+    Which path runs (the same result within the dtype's tolerance; the first that takes the
+    inputs):
+    - ``padding_mode`` other than "zeros" (reflect, replicate, circular; not transposed): the
+      input padded as nn.Conv2d pads it, torch's conv, the activation in place on its output;
+    - a 1x1 conv on NCHW CPU float32/float64 input (fastbig::conv1x1_act): GEMM blocks with bias
+      + activation applied to each block while it is in cache;
+    - CPU float32 (oneDNN on): one oneDNN primitive with the activation as a post-op, except a
+      small NCHW conv (under ``_ONEDNN_MIN_FLOP``, where oneDNN's per-call weight reorder costs
+      more than the activation pass it saves) and a single-threaded 1x1 NCHW conv. For a
+      channels_last input, ``packed()`` (when given) supplies the weight prepacked by
+      ``onednn_pack_conv_weight`` for x's shape, so the reorder is not paid per call: the caller
+      keeps that cache (fastbig.nn's blocks key it on the fold and the input shape). ``packed``
+      is called only on that path;
+    - else torch's conv and the activation in place on its fresh output.
+
+    ``activation`` is "relu", "leaky_relu" (``negative_slope`` > 0) or "none".
+    """
+    _check_conv(x, weight, bias, groups, transposed, stride, dilation, output_padding, op="conv_act",
+                names=("weight", "bias"))
+    _check_activation(activation, negative_slope, op="conv_act")
+    return conv_act_unchecked(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
+                              activation=activation, negative_slope=negative_slope, packed=packed)
+
+
+def conv_act_unchecked(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, transposed=False,
+                       output_padding=0, padding_mode="zeros", activation="relu", negative_slope=0.01, packed=None):
+    """conv_act without its Python argument checks, for a caller that has them from elsewhere:
+    fastbig.nn's blocks, whose layers were checked when built (torch's conv still raises its own
+    errors for inputs that do not fit). On a small input the checks are a tenth of an eval step.
+    A transposed conv's output_padding is still checked: oneDNN would take a wrong one silently."""
+    if transposed:
+        _check_output_padding(output_padding, stride, dilation, True)
+    if padding_mode != "zeros":
+        if transposed:
+            raise ValueError(f"conv_act: padding_mode must be 'zeros' for a transposed conv (as "
+                             f"ConvTranspose2d), got {padding_mode!r}")
+        if padding_mode not in ("reflect", "replicate", "circular"):
+            raise ValueError(f"conv_act: padding_mode must be one of 'zeros', 'reflect', 'replicate', "
+                             f"'circular', got {padding_mode!r}")
+        z = F.conv2d(F.pad(x, _reversed_padding_repeated_twice(padding, weight, dilation), mode=padding_mode),
+                     weight, bias, stride, 0, dilation, groups)
+        return _activation_(z, activation, negative_slope)
+    if packed is not None and not transposed and not x.is_contiguous() \
+            and _onednn_conv_act_ok(x, weight, bias, padding, False) \
+            and not _conv1x1_act_ok(x, weight, bias, stride, padding, dilation, groups, False):
+        return _onednn_conv_act(x, packed(), bias, stride, padding, dilation, groups, False, 0, activation,
+                                negative_slope)
+    return _conv_act(x, weight, bias, stride, padding, dilation, groups, transposed, output_padding, activation,
+                     negative_slope)
+
+
 # ---- the ops --------------------------------------------------------------------------------
 def bn_act(z: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
            running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
@@ -390,7 +455,7 @@ def _bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, tra
         y, _ = ref.bn_act(z, weight, bias, running_mean, running_var, training=False, eps=eps, act=activation,
                           negative_slope=negative_slope)
         return y
-    if _backend(z.device) == "reference":
+    if backends.extension_backend(_OP, z.device, "bn_act_forward") == "reference":
         y, _ = ref.bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, training=training,
                           momentum=momentum, eps=eps, act=activation, negative_slope=negative_slope,
                           update_in_place=True)
@@ -407,29 +472,24 @@ def _bn_act(z, weight, bias, running_mean, running_var, num_batches_tracked, tra
     return y
 
 
-def _check_conv(x, conv_weight, conv_bias, groups, transposed, stride=1, dilation=1, output_padding=0):
-    check_tensor(_OP, "x", x, dim=4)
-    check_tensor(_OP, "conv_weight", conv_weight, dim=4)
+def _check_conv(x, conv_weight, conv_bias, groups, transposed, stride=1, dilation=1, output_padding=0, op=_OP,
+                names=("conv_weight", "conv_bias")):
+    wn, bn = names
+    check_tensor(op, "x", x, dim=4)
+    check_tensor(op, wn, conv_weight, dim=4)
     if conv_bias is not None:
-        check_tensor(_OP, "conv_bias", conv_bias, dim=1)
-    for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias)):
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise RuntimeError(f"{_OP}: {name} is on {t.device} but x is on {x.device}; "
-                               f"expected all tensors on one device")
-        if t.dtype != x.dtype:
-            raise DtypeError(f"{_OP}: {name} has dtype {t.dtype} but x has {x.dtype}; expected one dtype")
+        check_tensor(op, bn, conv_bias, dim=1)
+    check_same(op, "x", x, **{wn: conv_weight, bn: conv_bias})
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"{_OP}: groups must be a positive int, got {groups!r}")
-    _check_output_padding(output_padding, stride, dilation, transposed)
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    _check_output_padding(output_padding, stride, dilation, transposed, op)
     cin = conv_weight.shape[0] if transposed else conv_weight.shape[1] * groups
     if x.shape[1] != cin:
-        raise ValueError(f"{_OP}: x must have {cin} channels (conv_weight {tuple(conv_weight.shape)}, "
+        raise ValueError(f"{op}: x must have {cin} channels ({wn} {tuple(conv_weight.shape)}, "
                          f"groups={groups}), got {x.shape[1]} (x shape {tuple(x.shape)})")
     cout = conv_weight.shape[1] * groups if transposed else conv_weight.shape[0]
     if conv_bias is not None and tuple(conv_bias.shape) != (cout,):
-        raise ValueError(f"{_OP}: conv_bias must have shape ({cout},), got {tuple(conv_bias.shape)}")
+        raise ValueError(f"{op}: {bn} must have shape ({cout},), got {tuple(conv_bias.shape)}")
     return cout
 
 

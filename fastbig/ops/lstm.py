@@ -1,20 +1,25 @@
 """The LSTM ops, whole life in one file: registration (schemas in csrc/registration.cpp),
 fake impls, autograd, input checks and dispatch to _C or the reference.
 
-    lstm_cell(gates, c_prev) -> (h, c)      one fused pointwise step from pre-activation gates
+    lstm_cell_pointwise(gates, c_prev) -> (h, c)
+                                            the cell's pointwise part, fused: activations and
+                                            state update from pre-activation gates (schema
+                                            fastbig::lstm_cell; old name ops.lstm_cell)
     lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh) -> (h, c)
                                             one whole nn.LSTMCell step (GEMMs + cell) as one
                                             op and one autograd node; CPU float32: one OpenMP
                                             team per call, each thread its own single-threaded
                                             GEMMs and the cell of the units it owns; CUDA (and
                                             other CPU dtypes): ATen GEMMs + the fused cell kernels
-    lstm(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
-                                            one whole layer, one direction (csrc/lstm/lstm_layer.h):
+    lstm_layer(x, h0, c0, w_ih, w_hh, ...) -> (y, h_n, c_n)
+                                            one whole layer, one direction (schema
+                                            fastbig::lstm_layer, csrc/lstm/lstm_layer.h; old name
+                                            ops.lstm):
                                             input GEMM for all steps, per step one recurrent GEMM
                                             and one fused pointwise kernel; fused backward.
                                             CPU, float32, batch <= 64, no proj_size: the whole
                                             time loop (forward and backward) is one fused kernel
-                                            (csrc/lstm/lstm_cpu.cpp: W_hh packed once per call,
+                                            (csrc/lstm/lstm_layer_cpu.cpp: W_hh packed once per call,
                                             GEMM + cell per 8 units, one barrier per step)
 """
 from __future__ import annotations
@@ -80,19 +85,12 @@ def _check_cell(gates, c_prev):
     check_shape(_OP, "c_prev", c_prev, (gates.shape[0], gates.shape[1] // 4))
 
 
-def _cell_backend(device) -> str:
-    fast = {}
-    if device.type == "cuda":
-        fast["cuda"] = backends.extension_available(device) if has_op(_OP) else (False, "lstm_cell not built")
-    elif device.type == "cpu":
-        fast["cpu"] = backends.extension_available(device) if has_op(_OP) else (False, "lstm_cell not built")
-    return backends.resolve(_OP, device, fast=fast)
-
-
-def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor):
-    """One fused LSTM step: pre-activation gates [B, 4H] (i, f, g, o) and c_prev [B, H] -> (h, c)."""
+def lstm_cell_pointwise(gates: torch.Tensor, c_prev: torch.Tensor):
+    """The pointwise part of one LSTM step, fused: pre-activation gates [B, 4H] (i, f, g, o), the
+    GEMMs already done, and c_prev [B, H] -> (h, c). (A whole nn.LSTMCell step, GEMMs included,
+    is lstm_cell_step.)"""
     _check_cell(gates, c_prev)
-    if _cell_backend(gates.device) == "reference":
+    if backends.extension_backend(_OP, gates.device, "lstm_cell") == "reference":
         return ref.lstm_cell_pointwise(gates, c_prev)
     h, c, _ = torch.ops.fastbig.lstm_cell(gates, c_prev)
     return h, c
@@ -178,11 +176,7 @@ _STEP_CPU_OK = has_op(_STEP) and backends.extension_available("cpu")[0]
 def _step_backend(device) -> str:
     if device.type == "cpu" and _STEP_CPU_OK and backends.current() == "auto":
         return "cpu"  # the per-token path of a decoder: no dict, no resolve
-    fast = {}
-    if device.type in ("cpu", "cuda"):
-        fast[device.type] = (backends.extension_available(device) if has_op(_STEP)
-                             else (False, f"{_STEP} not built"))
-    return backends.resolve(_STEP, device, fast=fast)
+    return backends.extension_backend(_STEP, device, _STEP)
 
 
 def lstm_cell_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
@@ -285,15 +279,7 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes):
                              f"B={B} and sum to x.size(0)={x.shape[0]}; got {bs}")
 
 
-def _layer_backend(device) -> str:
-    fast = {}
-    ok = backends.extension_available(device) if has_op("lstm_layer") else (False, "lstm_layer not built")
-    if device.type in ("cuda", "cpu"):
-        fast[device.type] = ok
-    return backends.resolve(_LAYER, device, fast=fast)
-
-
-def lstm(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False):
+def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False):
     """One LSTM layer, one direction, torch.nn gate order (i, f, g, o).
 
     x: [T, B, I] time-major, or a PackedSequence's data [N, I] with its ``batch_sizes`` (int64
@@ -316,7 +302,7 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=
                 link = link + t.sum()
         y = x.new_zeros(x.shape[0], 0, w_hh.shape[1]) + link
         return y, h0 + link, c0 + link
-    if _layer_backend(x.device) == "reference":
+    if backends.extension_backend(_LAYER, x.device, "lstm_layer") == "reference":
         y, h_n, c_n = ref.lstm_layer(x2, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=batch_sizes,
                                      reverse=bool(reverse))
     else:
@@ -325,3 +311,9 @@ def lstm(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=
     if unpacked:
         y = y.view(x.shape[0], x.shape[1], y.shape[1])
     return y, h_n, c_n
+
+
+# The old names, kept for code that has them: lstm_cell was easily taken for nn.LSTMCell's op
+# (that is lstm_cell_step), and lstm for the whole multi-layer nn.LSTM.
+lstm_cell = lstm_cell_pointwise
+lstm = lstm_layer
