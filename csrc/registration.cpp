@@ -90,3 +90,24 @@ TORCH_LIBRARY_FRAGMENT(fastbig, m) {
   // float32/float64; the epilogue runs on each output block while it is in cache.
   m.def("conv1x1_act(Tensor x, Tensor weight, Tensor? bias, int act, float negative_slope) -> Tensor");
 }
+
+// ---- ATTENTION (CPU) -----------------------------------------------------------------------
+// Flash attention on CPU tensors (csrc/attention/attention_cpu.cpp; autograd, fake impls and the
+// `auto` table in fastbig/ops/_attention_cpu.py). q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] float32,
+// bfloat16 or float16 (innermost stride 1 read in place, else copied); attn_mask bool (True =
+// attend) or additive, broadcastable as [B|1, Hq|1, Sq|1, Sk|1]; key_padding_mask bool [B, Sk]
+// (True = padded); sinks [Hq]; alibi_slopes [Hq] or [B, Hq]; window -1 = unbounded (causal is
+// window_right 0). Returns out (q's dtype) and lse fp32 [B, Hq, Sq] (includes the sink). The
+// backward returns dq, dk, dv (input dtype), dmask fp32 [B, Hq, Sq, Sk] when mask_grad and the
+// mask is additive (else [0]), and delta = rowsum(dO * O) fp32 [B, Hq, Sq] for the sinks' grad.
+TORCH_LIBRARY_FRAGMENT(fastbig, m) {
+  m.def(
+      "attention_cpu_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask,"
+      " Tensor? sinks, Tensor? alibi_slopes, float scale, float softcap, int window_left, int window_right,"
+      " bool bottom_right) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_cpu_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+      " Tensor? attn_mask, Tensor? key_padding_mask, Tensor? sinks, Tensor? alibi_slopes, float scale,"
+      " float softcap, int window_left, int window_right, bool bottom_right, bool mask_grad)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask, Tensor delta)");
+}

@@ -318,22 +318,26 @@ def _attention_impls(causal: bool, bwd: bool, only: Optional[Sequence[str]] = No
 
 
 def attention_case(B, H, S, D, causal, mode, *, goals=None, only=None, compile_ok=True,
-                   compile_skip_reason="", name=None) -> Case:
+                   compile_skip_reason="", name=None, Sq=None) -> Case:
+    """S keys and S query rows, or Sq query rows (decode: Sq = 1 against an S-key cache)."""
     bwd = mode == "fwd+bwd"
+    Sq = S if Sq is None else Sq
 
     def make(device, dtype, gen):
-        inp = {"q": randn((B, H, S, D), dtype, device, gen, requires_grad=bwd),
+        inp = {"q": randn((B, H, Sq, D), dtype, device, gen, requires_grad=bwd),
                "k": randn((B, H, S, D), dtype, device, gen, requires_grad=bwd),
                "v": randn((B, H, S, D), dtype, device, gen, requires_grad=bwd),
                "dtype": dtype}
         if bwd:
-            inp["grad_out"] = randn((B, H, S, D), dtype, device, gen)
+            inp["grad_out"] = randn((B, H, Sq, D), dtype, device, gen)
         return inp
 
     name = name or f"{mode} B{B} H{H} S{S} D{D}{' causal' if causal else ''}"
-    return Case("attention", name, mode, dict(B=B, H=H, S=S, D=D, causal=causal), make,
+    params = dict(B=B, H=H, S=S, D=D, causal=causal) if Sq == S else dict(B=B, H=H, Sq=Sq, Sk=S, D=D,
+                                                                           causal=causal)
+    return Case("attention", name, mode, params, make,
                 _attention_oracle(causal, bwd), _attention_impls(causal, bwd, only),
-                attention_flops(B, H, S, S, D, causal, mode), "FLOP", eager="eager",
+                attention_flops(B, H, Sq, S, D, causal, mode), "FLOP", eager="eager",
                 goals=goals or [], size=S, compile_ok=compile_ok,
                 compile_skip_reason=compile_skip_reason)
 
@@ -795,6 +799,9 @@ def _cpu_cases(op, quick) -> List[Case]:
                            only=("fastbig", "sdpa", "eager") if quick else
                            ("fastbig", "sdpa", "sdpa[math]", "eager"),
                            name="fwd B1 H1 S8192 D64 (O(S) memory)"),
+            # decode against a KV cache: K/V streaming (GB/s = 2*B*H*Sk*D*itemsize / time)
+            attention_case(8, 32, 4096, 128, False, "fwd", goals=g, Sq=1,
+                           only=("fastbig", "sdpa", "eager"), name="decode B8 H32 Sq1 Sk4096 D128"),
         ]
     if op == "lstm":
         lstm_compile = _skip(quick)

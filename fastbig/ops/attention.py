@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..reference import attention as ref
+from . import _attention_cpu
 from ._checks import check_same, check_tensor
 
 _OP = "attention"
@@ -340,7 +341,10 @@ def _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scal
     float16/bfloat16 run in float32 and round once at the end: on CPU that is both faster (about
     2x for fwd+bwd at B2 H4 S512 D64) and more accurate than SDPA's half-precision CPU kernel."""
     dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    # bf16 without grad: SDPA's native bf16 forward beats the fp32 round trip (1.1x causal
+    # B8 H8 S1024, 2.8x decode Sk4096 on 2 AVX2 cores); its native bf16 backward is 4x slower
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and grad):
         res = _sdpa_cpu(q.float(), k.float(), v.float(), left, right, attn_mask, key_padding_mask,
                         dropout_p, scale, return_lse, alibi_slopes, bottom_right)
         return (res[0].to(dtype), res[1]) if return_lse else res.to(dtype)
@@ -420,11 +424,15 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
     feats = _Features(_OP, q, Hq, B, softcap, sinks, alibi_slopes, bottom_right)
     scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)  # D=0: empty output
     cpu_ok = _cpu_ok(feats, return_lse, dropout_p)
-    if cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
+    ours = _attention_cpu.use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, feats)
+    if not ours and cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
         cpu_ok = (False, "q holds NaN, which the SDPA CPU kernel turns into finite numbers")
-    backend = _backend(q, D, dropout_p, Sq, Sk, cpu_ok=cpu_ok, feats=feats)
+    backend = _backend(q, D, dropout_p, Sq, Sk, cpu_ok=(True, "") if ours else cpu_ok, feats=feats)
     if backend == "cpu" and (q.numel() == 0 or k.numel() == 0):
         backend = "reference"  # SDPA's CPU kernel dies of SIGFPE on Sk == 0; nothing to compute
+    if backend == "cpu" and ours:  # fastbig's own kernel (ops/_attention_cpu.py) where it wins
+        return _attention_cpu.run(q, k, v, left, right, attn_mask, key_padding_mask, scale_f,
+                                  return_lse, feats)
     if backend == "cpu":
         return _sdpa_cpu(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale,
                          return_lse, feats.alibi_slopes, feats.bottom_right)
@@ -489,9 +497,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                       bottom_right)
     scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)  # D=0: empty output
     cpu_ok = _cpu_ok(feats, return_lse, dropout_p)
-    if cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
+    ours = _attention_cpu.use_ours(q, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, left,
+                                   right, None, None, dropout_p, feats)
+    if not ours and cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
         cpu_ok = (False, "q holds NaN, which the SDPA CPU kernel turns into finite numbers")
-    backend = _backend(q, D, dropout_p, max_seqlen_q, max_seqlen_k, cpu_ok=cpu_ok, feats=feats)
+    backend = _backend(q, D, dropout_p, max_seqlen_q, max_seqlen_k, cpu_ok=(True, "") if ours else cpu_ok,
+                       feats=feats)
     if backend == "triton":
         seed = _new_seed() if dropout_p > 0 else None
         cuq = cu_seqlens_q.to(torch.int32)
@@ -513,8 +524,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         fb = _Features(op, q, q.shape[1], 1, feats.softcap, feats.sinks, slopes, feats.bottom_right)
         args = (qb, kb, vb, left, right, None, None, dropout_p, scale_f, return_lse)
         empty = qb.numel() == 0 or kb.numel() == 0  # SDPA's CPU kernel dies on Sk == 0
-        res = (_sdpa_cpu(*args, fb.alibi_slopes, fb.bottom_right) if backend == "cpu" and not empty
-               else _reference(*args, fb))
+        if backend == "cpu" and not empty and ours:
+            res = _attention_cpu.run(qb, kb, vb, left, right, None, None, scale_f, return_lse, fb)
+        else:
+            res = (_sdpa_cpu(*args, fb.alibi_slopes, fb.bottom_right) if backend == "cpu" and not empty
+                   else _reference(*args, fb))
         o, lse = res if return_lse else (res, None)
         outs.append(o[0].transpose(0, 1))
         if return_lse:
