@@ -260,3 +260,23 @@ def test_auto_rule():
     # a measured win: bf16 decode B1 H32 Sk16384 D128 (4.2x at 1 thread, 2.7x at 2)
     qd = torch.empty(1, 32, 1, 128, dtype=torch.bfloat16)
     assert use(qd, 1, 1, 16384, -1, -1, None, None, 0.0, feats) == (torch.get_num_threads() <= 2)
+
+
+def test_auto_rule_counts_a_gradient_for_k_or_v_alone():
+    """A training call whose q needs no gradient (a frozen query projection, cross-attention
+    onto a trained memory) takes the fwd+bwd table, not the forward one."""
+    feats = _Features("attention", torch.empty(4, 8, 512, 64), 8, 4, None, None, None, False)
+    q5 = torch.empty(4, 8, 512, 64)
+    k5 = torch.empty(4, 8, 512, 64, requires_grad=True)
+    v5 = torch.empty(4, 8, 512, 64)
+    use = _attention_cpu.use_ours
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        # fp32 full: SDPA for the forward, ours for fwd+bwd at this size (the measured table)
+        assert not use(q5, 4, 512, 512, -1, -1, None, None, 0.0, feats, kv=(k5.detach(), v5))
+        assert use(q5, 4, 512, 512, -1, -1, None, None, 0.0, feats, kv=(k5, v5))
+        with torch.no_grad():
+            assert not use(q5, 4, 512, 512, -1, -1, None, None, 0.0, feats, kv=(k5, v5))
+    finally:
+        torch.set_num_threads(old)

@@ -132,10 +132,12 @@ def _kind(Sq, Sk, left, right, attn_mask, key_padding_mask, feats) -> str:
     return "causal" if plain and left < 0 and right == 0 else "full"
 
 
-def use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, feats) -> bool:
+def use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, feats,
+             kv=()) -> bool:
     """True when this kernel runs for a CPU call instead of SDPA: whenever it can take the inputs
     and either the backend is forced to ``cpu``, the call has softcap or sinks (SDPA has neither:
-    the alternative is the reference), or the measured table ``_WINS`` says it is faster."""
+    the alternative is the reference), or the measured table ``_WINS`` says it is faster.
+    kv: the call's k and v (a gradient for them alone makes the call a training call too)."""
     if q.device.type != "cpu":
         return False
     ok, _ = supports(q, dropout_p)
@@ -148,7 +150,7 @@ def use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, 
     nt = _threads()
     kind = _kind(Sq, Sk, left, right, attn_mask, key_padding_mask, feats)
     grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, attn_mask, feats.sinks))
+        t is not None and t.requires_grad for t in (q, *kv, attn_mask, feats.sinks))
     for max_t, min_t, lo, hi in _WINS.get((q.dtype, kind, grad), ()):
         if min_t <= nt <= max_t and lo <= work < hi:
             return True

@@ -424,7 +424,8 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
     feats = _Features(_OP, q, Hq, B, softcap, sinks, alibi_slopes, bottom_right)
     scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)  # D=0: empty output
     cpu_ok = _cpu_ok(feats, return_lse, dropout_p)
-    ours = _attention_cpu.use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, feats)
+    ours = _attention_cpu.use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p,
+                                   feats, kv=(k, v))
     if not ours and cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
         cpu_ok = (False, "q holds NaN, which the SDPA CPU kernel turns into finite numbers")
     backend = _backend(q, D, dropout_p, Sq, Sk, cpu_ok=(True, "") if ours else cpu_ok, feats=feats)
@@ -498,7 +499,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     scale_f = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)  # D=0: empty output
     cpu_ok = _cpu_ok(feats, return_lse, dropout_p)
     ours = _attention_cpu.use_ours(q, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, left,
-                                   right, None, None, dropout_p, feats)
+                                   right, None, None, dropout_p, feats, kv=(k, v))
     if not ours and cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
         cpu_ok = (False, "q holds NaN, which the SDPA CPU kernel turns into finite numbers")
     backend = _backend(q, D, dropout_p, max_seqlen_q, max_seqlen_k, cpu_ok=(True, "") if ours else cpu_ok,
