@@ -19,7 +19,7 @@ TORCH_LIBRARY(fastbig, m) {
       "lstm_cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor act, Tensor c_prev, Tensor c)"
       " -> (Tensor grad_gates, Tensor grad_c_prev)");
   // One whole nn.LSTMCell step: gates = x W_ih^T + h W_hh^T + b_ih + b_hh, then the cell
-  // (CPU: csrc/lstm/lstm_cpu.cpp). x [B, I], hx/cx [B, H], w_ih [4H, I], w_hh [4H, H].
+  // (CPU: csrc/lstm/lstm_cell_step_cpu.cpp). x [B, I], hx/cx [B, H], w_ih [4H, I], w_hh [4H, H].
   // Returns h, c and the activated gates [B, 4H]. The backward computes grad_x only when
   // need_input_grad and the weight/bias gradients only when need_weight_grad (else empty).
   m.def(

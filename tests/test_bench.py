@@ -18,14 +18,6 @@ GPU_RUN = os.path.join(ROOT, "bench", "gpu_run.sh")
 
 
 # ---- tolerances and work counts -----------------------------------------------------------
-def test_tolerances_are_conftests():
-    assert cases.TOL == conftest.TOL
-    assert cases.TOL_TRITON_TF32 == conftest.TOL_TRITON_TF32
-    assert cases.tolerance(torch.float32, "cpu") == conftest.TOL[torch.float32]
-    assert cases.tolerance(torch.float32, "cuda") == conftest.TOL_TRITON_TF32
-    assert cases.tolerance(torch.bfloat16, "cuda") == conftest.TOL[torch.bfloat16]
-
-
 def test_flop_counts():
     # attention: 4*B*H*Sq*Sk*D, halved when causal, backward 2.5x the forward
     assert cases.attention_flops(2, 3, 5, 5, 7, False, "fwd") == 4 * 2 * 3 * 5 * 5 * 7

@@ -26,25 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The tolerances of tests/conftest.py (tests/test_bench.py checks that they stay equal).
-TOL = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-}
-# fp32 on a GPU: cuDNN convolutions and Triton's tl.dot use TF32 (tests/conftest.py's name).
-TOL_TRITON_TF32 = 3e-4
+# The bounds of the tests (fp32 on a GPU: cuDNN convolutions and Triton's tl.dot use TF32).
+from ..testing import TOL, TOL_TRITON_TF32, to64, tolerance  # noqa: F401 (re-exported)
+from .. import testing
 
 OPS = ("attention", "lstm", "conv_bn_relu", "models")
 # asked for by name only, not part of "all": transformers models (fastbig/bench/hf_cases.py)
 EXTRA_OPS = ("transformers",)
-
-
-def tolerance(dtype: torch.dtype, device: str) -> float:
-    if device == "cuda" and dtype == torch.float32:
-        return TOL_TRITON_TF32
-    return TOL[dtype]
 
 
 class NotAvailable(Exception):
@@ -127,25 +115,9 @@ class Case:
 
 # ---- helpers -------------------------------------------------------------------------------
 def randn(shape, dtype, device, gen, scale=1.0, requires_grad=False):
-    """Fresh random values drawn in float64 on the CPU, then cast (as tests/conftest.randn)."""
-    t = torch.randn(*shape, dtype=torch.float64, generator=gen) * scale
-    t = t.to(device=device, dtype=dtype)
-    return t.requires_grad_(requires_grad)
-
-
-def to64(inputs: dict) -> dict:
-    """The same inputs in float64 (floating tensors and state dicts), for the oracle."""
-    def conv(v):
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point():
-                return v.detach().to(torch.float64).requires_grad_(v.requires_grad)
-            return v
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-    out = {k: conv(v) for k, v in inputs.items()}
-    out["dtype"] = torch.float64
-    return out
+    """fastbig.testing.randn with the cases' positional arguments (a shape, the run's generator)."""
+    return testing.randn(*shape, dtype=dtype, device=device, generator=gen, scale=scale,
+                         requires_grad=requires_grad)
 
 
 # Half-width of the band around the ReLU kink where grad_out is set to 0 (see kink_safe_grad).

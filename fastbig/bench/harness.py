@@ -21,6 +21,8 @@ from typing import List, Optional
 
 import torch
 
+from .. import testing
+from .._progress import Progress
 from . import cases as cases_mod
 from . import report, roof as roof_mod, timing
 from .cases import Case, NotAvailable, tolerance
@@ -31,44 +33,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 # ---- progress ------------------------------------------------------------------------------
-class Progress:
-    """A plain-stderr progress bar: redrawn in place on a terminal, one line per step otherwise."""
-
-    def __init__(self, total: int, stream=None, width: int = 24):
-        self.total, self.done, self.width = max(1, total), 0, width
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-
-    def update(self, label: str, advance: int = 0) -> None:
-        self.done = min(self.total, self.done + advance)
-        frac = self.done / self.total
-        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
-        msg = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.t0:5.0f}s {label}"
-        if self.tty:
-            self.stream.write("\r\033[K" + msg[:160])
-        else:
-            self.stream.write(msg + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 # ---- correctness ---------------------------------------------------------------------------
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (tests/conftest.rel_err); inf for NaN/inf anywhere."""
+    """fastbig.testing.rel_err (||out - ref|| / ||ref|| in float64, inf for NaN/inf anywhere);
+    a shape mismatch is a ValueError the harness reports as the implementation's failure."""
     if tuple(out.shape) != tuple(ref.shape):
         raise ValueError(f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
-    out = out.detach().to(torch.float64).cpu()
-    ref = ref.detach().to(torch.float64).cpu()
-    if not torch.isfinite(out).all() or not torch.isfinite(ref).all():
-        return float("inf")
-    denom = ref.norm().item()
-    num = (out - ref).norm().item()
-    return num if denom == 0.0 else num / denom
+    return testing.rel_err(out, ref)
 
 
 def _tensors(inputs: dict, prefix=""):
