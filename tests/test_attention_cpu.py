@@ -251,7 +251,7 @@ def test_auto_rule():
     assert use(q, 1, 10, 12, -1, -1, None, None, 0.0, capped)  # SDPA has no softcap
     # the measured table: ours exactly where an entry lists it
     for (dt, kind, grad), rows in _attention_cpu._WINS.items():
-        assert kind in ("decode", "causal", "full") and isinstance(grad, bool)
+        assert kind in ("decode", "causal", "causal_padded", "full") and isinstance(grad, bool)
         for max_t, min_t, lo, hi in rows:
             assert 1 <= min_t <= max_t and 0 <= lo < hi, (dt, kind)
     # a measured loss: fp32 full forward at B4 H8 S512 D64 (0.58x at 2 threads, 0.86x at 1)
@@ -280,3 +280,23 @@ def test_auto_rule_counts_a_gradient_for_k_or_v_alone():
             assert not use(q5, 4, 512, 512, -1, -1, None, None, 0.0, feats, kv=(k5, v5))
     finally:
         torch.set_num_threads(old)
+
+
+def test_auto_takes_ours_for_a_padded_causal_prefill():
+    """Causal with key padding: SDPA would get a dense mask and do the whole Sq x Sk; the measured
+    table sends it to ours at 1-2 threads (ratios in _WINS), and the answer is the reference's."""
+    q, k, v = _qkv(2, 4, 2, 256, 256, 64, torch.float32, grad=False)  # work 33.5 (table: >= 30)
+    kpm = torch.zeros(2, 256, dtype=torch.bool)
+    kpm[0, :70] = True
+    feats = _Features("attention", q, 4, 2, None, None, None, False)
+    old = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            assert _attention_cpu.use_ours(q, 2, 256, 256, -1, 0, None, kpm, 0.0, feats, kv=(k, v))
+            assert not _attention_cpu.use_ours(q, 2, 256, 256, -1, -1, None, kpm, 0.0, feats, kv=(k, v))
+    finally:
+        torch.set_num_threads(old)
+    out = fastbig.ops.attention(q, k, v, causal=True, key_padding_mask=kpm)
+    assert_close(out, ref.attention(q.double(), k.double(), v.double(), causal=True,
+                                    key_padding_mask=kpm), torch.float32)

@@ -85,8 +85,9 @@ def supports(q, dropout_p) -> tuple[bool, str]:
 # ---- the measured `auto` table --------------------------------------------------------------
 # (dtype, kind, grad) -> rows (max_threads, min_threads, lo, hi): ours wins for thread counts in
 # [min_threads, max_threads] when lo <= work < hi, work = B*Hq*Sq*Sk*D / 1e6. kind: "decode"
-# (Sq <= 8), "causal" (causal, no mask/padding/ALiBi), "full" (anything else); grad: the call
-# needs a backward. Anything not listed runs SDPA. Measured with bench/attention_cpu.py
+# (Sq <= 8), "causal" (causal, no mask/padding/ALiBi), "causal_padded" (causal with a key padding
+# mask and nothing else), "full" (anything else); grad: the call needs a backward. Anything not
+# listed runs SDPA. Measured with bench/attention_cpu.py
 # (--cases table and goals, ratio t(sdpa)/t(ours), median of 3-7 alternating reps) on 2 AVX2
 # cores (AMD EPYC, no AVX-512) with other jobs running, at 1 and 2 threads only: thread counts
 # above 2 are unmeasured and get SDPA. Sizes: work 8 (B2 H4 S128 D64), 537 (B4 H8 S512 D64),
@@ -109,6 +110,16 @@ _WINS = {
     # bf16 fwd+bwd, causal and full: 4.7x-10x at 1 and 2 threads (SDPA's bf16 backward is slow)
     (torch.bfloat16, "causal", True): [(2, 1, 0, _INF)],
     (torch.bfloat16, "full", True): [(2, 1, 0, _INF)],
+    # causal with key padding (a padded batch's prefill), where SDPA takes a dense mask: measured
+    # at work 34/537/1074/4295/8590, fwd fp32 1.3-1.6/1.4-1.6/1.9/1.7-2.0/1.7 at 1 thread and
+    # 1.5-1.7/2.1-2.4/1.7/1.9-2.0/1.7-1.9 at 2; bf16 1.4/1.5-1.8/1.8/1.6-1.9/1.4-1.6 and
+    # 1.3-1.5/1.5-2.0/1.6-1.9/1.8/1.7-1.9; fwd+bwd (work 34/537/4295) 1.3-2.4 at 1 and 2 threads,
+    # both dtypes. SDPA does the whole Sq x Sk while ours skips the causal half, so the gap does
+    # not close with size.
+    (torch.float32, "causal_padded", False): [(2, 1, 30, _INF)],
+    (torch.float32, "causal_padded", True): [(2, 1, 30, _INF)],
+    (torch.bfloat16, "causal_padded", False): [(2, 1, 30, _INF)],
+    (torch.bfloat16, "causal_padded", True): [(2, 1, 30, _INF)],
     # bf16 full forward: SDPA (1.00/0.83/0.83 at 1 thread, 0.25-0.84 at 2)
     # bf16 decode: 1.70/3.87/4.22 at 1 thread, 0.50/1.79/2.66/4.18 at 2
     (torch.bfloat16, "decode", False): [(1, 1, 0, _INF), (2, 2, 10, _INF)],
@@ -127,9 +138,11 @@ _threads = torch.compiler.assume_constant_result(_threads)
 def _kind(Sq, Sk, left, right, attn_mask, key_padding_mask, feats) -> str:
     if Sq <= 8:
         return "decode"
-    plain = (attn_mask is None and key_padding_mask is None and feats.alibi_slopes is None
-             and (not feats.bottom_right or Sq == Sk))
-    return "causal" if plain and left < 0 and right == 0 else "full"
+    causal = left < 0 and right == 0 and attn_mask is None and feats.alibi_slopes is None
+    if causal and key_padding_mask is not None:
+        return "causal_padded"  # SDPA gets a dense mask and loses its causal block skipping
+    plain = key_padding_mask is None and (not feats.bottom_right or Sq == Sk)
+    return "causal" if causal and plain else "full"
 
 
 def use_ours(q, B, Sq, Sk, left, right, attn_mask, key_padding_mask, dropout_p, feats,
