@@ -176,9 +176,9 @@ def _check_heads(op, Hq, Hkv):
 
 
 class _Features:
-    """softcap / sinks / alibi_slopes / bottom_right, checked. ``names`` lists the ones in use."""
+    """softcap / sinks / alibi_slopes / bottom_right, checked."""
 
-    __slots__ = ("softcap", "sinks", "alibi_slopes", "bottom_right", "names")
+    __slots__ = ("softcap", "sinks", "alibi_slopes", "bottom_right")
 
     def __init__(self, op, q, Hq, B, softcap, sinks, alibi_slopes, bottom_right):
         if softcap is not None:
@@ -210,9 +210,6 @@ class _Features:
         if not isinstance(bottom_right, bool):
             raise TypeError(f"{op}: bottom_right must be a bool, got {type(bottom_right).__name__}")
         self.bottom_right = bottom_right
-        self.names = tuple(n for n, on in (("softcap", self.softcap > 0), ("sinks", sinks is not None),
-                                           ("alibi_slopes", alibi_slopes is not None),
-                                           ("bottom_right", bottom_right)) if on)
 
     def reference_kwargs(self):
         return dict(softcap=self.softcap or None, sinks=self.sinks, alibi_slopes=self.alibi_slopes,
