@@ -86,7 +86,7 @@ def _needs_torch(header, seen=None):
     return any(_needs_torch(h, seen) for q, h in _INCLUDE.findall(text) if q == '"')
 
 
-def _brace_end(text, i):
+def brace_end(text, i):
     """Index just past the brace block that opens at the first '{' at or after i."""
     i = text.index("{", i)
     depth = 0
@@ -124,7 +124,7 @@ def kernels_only_tu(src, dtype="float"):
 
     prefix = _INCLUDE.sub(keep, prefix)
     # each kernel from its `template` to its closing brace (the regex starts at `template`)
-    blocks = [text[m.start():_brace_end(text, m.end())] for m in kernels]
+    blocks = [text[m.start():brace_end(text, m.end())] for m in kernels]
     body = prefix + "\n\n".join(blocks)
     opened = [m.group(1) for m in re.finditer(r'\bnamespace\s*(\w*)\s*\{', prefix)]
     closed = len(re.findall(r'^\}\s*//\s*namespace', prefix, re.M))

@@ -69,16 +69,7 @@ def ptx_functions(ptx):
     """{mangled entry name: normalized body lines} (labels, .loc and symbol names blanked)."""
     out = {}
     for m in re.finditer(r"\.entry (\S+)\(", ptx):
-        start = ptx.index("{", m.end())
-        depth = 0
-        for j in range(start, len(ptx)):
-            if ptx[j] == "{":
-                depth += 1
-            elif ptx[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-        body = ptx[m.start():j]
+        body = ptx[m.start():nvcc_flags.brace_end(ptx, m.end()) - 1]  # up to the closing brace
         lines = [l.strip() for l in body.splitlines()]
         lines = [re.sub(r"_Z\w+", "SYM", re.sub(r"\$L__\w+", "L", l)) for l in lines
                  if l and not l.startswith((".loc", "//", ".pragma"))]
