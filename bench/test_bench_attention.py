@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: the attention cases of fastbig/bench/cases.py (`pytest bench/ --benchmark-only`)."""
+"""pytest-benchmark suite: the cases of fastbig/bench/cases/attention.py (`pytest bench/ --benchmark-only`)."""
 import pytest
 
 from fastbig.bench import suite

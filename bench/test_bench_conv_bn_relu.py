@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: the conv_bn_relu cases of fastbig/bench/cases.py (`pytest bench/ --benchmark-only`)."""
+"""pytest-benchmark suite: the cases of fastbig/bench/cases/conv_bn_relu.py (`pytest bench/ --benchmark-only`)."""
 import pytest
 
 from fastbig.bench import suite

@@ -2,6 +2,7 @@
 files, CLI errors, the O(S) memory claim of attention, and bench/gpu_run.sh's argument handling.
 One tiny smoke run of the whole harness; no real benchmark runs here."""
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import conftest
+import fastbig
 from fastbig.bench import cases, harness, report, roof, suite, timing
 from fastbig.bench.cases import Case, Goal, Impl, NotAvailable
 
@@ -64,6 +66,21 @@ def test_issue_shapes_in_the_table():
             assert c.compile_skip_reason
     with pytest.raises(ValueError, match="op: expected"):
         cases.get_cases("nope")
+
+
+def test_one_module_per_op():
+    """fastbig/bench/cases/<op>.py holds the op's three tables; each case carries the op's name,
+    once (the harness drops a repeated key)."""
+    for op in cases.OPS + cases.EXTRA_OPS:
+        mod = importlib.import_module(f"fastbig.bench.cases.{op}")
+        assert all(callable(getattr(mod, t, None)) for t in ("cpu_cases", "gpu_cases", "smoke_cases"))
+        for device in ("cpu", "cuda"):
+            for kw in (dict(quick=True), dict(quick=False), dict(smoke=True)):
+                got = [c.key for c in cases.get_cases(op, device, **kw)]
+                assert got and all(k.startswith(op + "/") for k in got), (op, device, kw, got)
+                assert len(set(got)) == len(got), (op, device, kw, got)
+    every = [c.key for c in cases.get_cases("all", "cpu")]
+    assert every == [c.key for op in cases.OPS for c in cases.get_cases(op, "cpu")]
 
 
 def test_suites_share_the_table():
@@ -139,7 +156,7 @@ def _impl(name, f, kind="baseline"):
 
 
 def _missing(inp):
-    raise NotAvailable("fastbig.ops.toy is not there yet")
+    raise NotAvailable("toy: no such backend here")
 
 
 def _poke(inp):
@@ -188,7 +205,7 @@ def test_gate_wrong_results_post_no_time():
     assert by["nan"]["status"] == "WRONG" and by["nan"]["err"] == float("inf")
     assert by["shape"]["status"] == "WRONG" and "shape" in by["shape"]["reason"]
     assert by["poke"]["status"] == "WRONG" and "inputs" in by["poke"]["reason"]
-    assert by["missing"]["status"] == "not available" and "not there yet" in by["missing"]["reason"]
+    assert by["missing"]["status"] == "not available" and "no such backend" in by["missing"]["reason"]
     assert by["attr"]["status"] == "not available" and "AttributeError" in by["attr"]["reason"]
     assert by["boom"]["status"] == "ERROR" and "kernel launch failed" in by["boom"]["reason"]
     assert by["compiled"]["status"] == "skipped" and by["compiled"]["reason"] == "toy"
@@ -293,11 +310,9 @@ def test_results_names_and_datasheet():
 
 # ---- attention stays O(S) in memory ---------------------------------------------------------
 def test_attention_s8192_memory_is_o_s():
-    att = getattr(fastbig_ops(), "attention", None)
-    if att is None:
-        pytest.skip("fastbig.ops.attention is not there yet")
+    att = fastbig.ops.attention
     q, k, v = (conftest.randn(1, 1, 8192, 64) for _ in range(3))
-    with fastbig_backends().use("auto"):
+    with fastbig.backends.use("auto"):
         peak, how = timing.peak_memory(lambda: att(q, k, v), "cpu")
     assert peak is not None, how
     # S x S fp32 scores would be 8192**2 * 4 bytes = 256 MiB; the output alone is 2 MiB
@@ -305,16 +320,6 @@ def test_attention_s8192_memory_is_o_s():
     out = att(q[:, :, :64], k, v)
     ref = cases.attention_eager(q[:, :, :64].double(), k.double(), v.double())
     conftest.assert_close(out, ref, torch.float32)
-
-
-def fastbig_ops():
-    import fastbig
-    return fastbig.ops
-
-
-def fastbig_backends():
-    import fastbig
-    return fastbig.backends
 
 
 # ---- bench/gpu_run.sh ------------------------------------------------------------------------

@@ -629,7 +629,7 @@ def test_dropout_is_applied_in_training():
 def test_bench_cases_smoke():
     """The bench cases (tiny): fastbig and stock sdpa both pass the float64 check."""
     from fastbig.bench import harness
-    from fastbig.bench.hf_cases import hf_cases
+    from fastbig.bench.cases.transformers import hf_cases
     for case in hf_cases("cpu", smoke=True):
         inp = case.make("cpu", torch.float32, torch.Generator().manual_seed(1))
         ref = case.oracle(inp)

@@ -1,7 +1,7 @@
 """fastbig's benchmark harness: ``fastbig bench ...`` (or ``python -m fastbig.bench ...``).
 
     harness.py  the run: cases x implementations, correctness gate, timing, the table
-    cases.py    the one table of cases (the harness and bench/'s pytest-benchmark suites)
+    cases/      the cases, one module per op (the harness and bench/'s pytest-benchmark suites)
     timing.py   CPU/GPU timers (alternating rounds) and peak memory
     roof.py     the device's roof: measured matmul FLOP/s and copy bandwidth, or datasheet
     report.py   speed-ups, goals, the table, JSON and long-format CSV

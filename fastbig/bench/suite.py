@@ -1,10 +1,10 @@
-"""The pytest-benchmark side of the one case table: bench/test_bench_*.py call these.
+"""The pytest-benchmark side of the cases (fastbig/bench/cases/): bench/test_bench_*.py call these.
 
     pytest bench/ --benchmark-only             the CPU cases of ``fastbig bench --quick``
     FASTBIG_BENCH_FULL=1 pytest bench/ ...     the full-size CPU cases
 
 Every implementation is checked against the float64 oracle before pytest-benchmark times it
-(a wrong one fails its test, with its error); one that is not there yet is skipped, saying so.
+(a wrong one fails its test, with its error); one that cannot run here is skipped, saying so.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from typing import List
 
 import torch
 
-from .cases import Case, Goal, Impl, NotAvailable, _fastbig
+from ._base import Case, Goal, Impl, NotAvailable, _fastbig
 
 VOCAB = 1024
 
@@ -141,10 +141,22 @@ def decode_case(B=2, cache=4096, steps=64, pad=256, *, hidden=512, heads=8, laye
                 note="teacher-forced decode with a DynamicCache; checked: the logits of every step")
 
 
-def hf_cases(device: str, *, quick: bool = False, smoke: bool = False) -> List[Case]:
+# ---- the tables (the same on CPU and GPU) --------------------------------------------------
+def cpu_cases(quick: bool) -> List[Case]:
     g = [Goal("fastbig", "sdpa", 0.97)]
-    if smoke:
-        return [prefill_case(2, 9, 3, hidden=32, heads=2, layers=1, goals=g),
-                decode_case(2, 16, 3, 4, hidden=32, heads=2, layers=1, goals=g)]
     return [prefill_case(4, 256 if quick else 512, 64, goals=g),
             decode_case(2, 4096, 16 if quick else 64, 256, goals=g)]
+
+
+gpu_cases = cpu_cases
+
+
+def smoke_cases() -> List[Case]:
+    g = [Goal("fastbig", "sdpa", 0.97)]
+    return [prefill_case(2, 9, 3, hidden=32, heads=2, layers=1, goals=g),
+            decode_case(2, 16, 3, 4, hidden=32, heads=2, layers=1, goals=g)]
+
+
+def hf_cases(device: str, *, quick: bool = False, smoke: bool = False) -> List[Case]:
+    """This op's cases, by the registry's rule (``get_cases("transformers", ...)``)."""
+    return smoke_cases() if smoke else (gpu_cases if device == "cuda" else cpu_cases)(quick)
