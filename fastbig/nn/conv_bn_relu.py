@@ -183,15 +183,17 @@ class _ConvBnAct(nn.Sequential):
                                        packed=lambda: self._packed(x, w))
 
 
-def _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-          device, dtype):
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                     padding_mode, device=device, dtype=dtype)
-
-
 def _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype):
     return nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
                           track_running_stats=track_running_stats, device=device, dtype=dtype)
+
+
+def _conv_bn(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+             eps, momentum, affine, track_running_stats, device, dtype):
+    """The Conv2d and BatchNorm2d of a block, from the block's constructor arguments."""
+    return (nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                      padding_mode, device=device, dtype=dtype),
+            _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype))
 
 
 class ConvBnReLU2d(_ConvBnAct):
@@ -202,9 +204,8 @@ class ConvBnReLU2d(_ConvBnAct):
                  bias=False, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None):
         super().__init__(
-            _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                  padding_mode, device, dtype),
-            _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype),
+            *_conv_bn(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                      padding_mode, eps, momentum, affine, track_running_stats, device, dtype),
             nn.ReLU())
 
 
@@ -217,9 +218,8 @@ class ConvBnLeakyReLU2d(_ConvBnAct):
                  track_running_stats=True, device=None, dtype=None, negative_slope=0.01):
         _check_slope(type(self).__name__, negative_slope)
         super().__init__(
-            _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                  padding_mode, device, dtype),
-            _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype),
+            *_conv_bn(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                      padding_mode, eps, momentum, affine, track_running_stats, device, dtype),
             nn.LeakyReLU(negative_slope))
 
 
@@ -231,9 +231,8 @@ class ConvBn2d(_ConvBnAct):
                  bias=False, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None):
         super().__init__(
-            _conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                  padding_mode, device, dtype),
-            _bn(out_channels, eps, momentum, affine, track_running_stats, device, dtype))
+            *_conv_bn(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                      padding_mode, eps, momentum, affine, track_running_stats, device, dtype))
 
 
 class ConvTransposeBnReLU2d(_ConvBnAct):
