@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastbig
 from fastbig import backends
 from fastbig.reference import attention as ref
-from conftest import HAS_CUDA, assert_close, randn, rel_err
+from conftest import HAS_CUDA, assert_close, randn, rel_err, tol
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 attn_ops = importlib.import_module("fastbig.ops.attention")  # the module (fastbig.ops.attention is the function)
@@ -162,7 +162,7 @@ def test_triton_fully_masked_rows(interpret_triton):
 
 # The two float16 gradient misses of a 1000-case Triton fuzz run (issue 10), replayed with their
 # shapes and flags pinned here (not through the generator, which may change): both are
-# ill-conditioned gradients (see tests/_fuzz_cases.py: cancellation_floors), the kernel's
+# ill-conditioned gradients (see tests/fuzz/attention.py: cancellation_floors), the kernel's
 # arithmetic is right, and the bound must say so without going vacuous.
 _ILL_CONDITIONED = {
     # causal + window (1, None) + bool mask + key padding: one row sees two keys, the others one
@@ -179,10 +179,10 @@ _ILL_CONDITIONED = {
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("seed", sorted(_ILL_CONDITIONED))
 def test_triton_ill_conditioned_gradients(interpret_triton, seed, dtype):
-    import _fuzz_cases as fc
+    from fuzz.attention import _attention_run
     p = dict(_ILL_CONDITIONED[seed], dtype=dtype, block_m=32, block_n=32)
-    checks = fc._attention_run(p, seed)
-    errs = {name.split(" (")[0]: (name, rel_err(out, r), fc.tol(dt, tf32=t32))
+    checks = _attention_run(p, seed)
+    errs = {name.split(" (")[0]: (name, rel_err(out, r), tol(dt, tf32=t32))
             for name, out, r, dt, t32 in checks}
     for name, err, bound in errs.values():
         assert err <= bound, f"seed {seed} {dtype}: {name}: {err:.3e} > {bound:.1e}"
@@ -193,7 +193,8 @@ def test_triton_ill_conditioned_gradients(interpret_triton, seed, dtype):
 def test_cancellation_bound_catches_a_masking_error():
     # The ill-conditioned bound is a few units of roundoff of the cancelled terms: a gradient that
     # lets one padded key in (what a masking bug in the backward would do) is far outside it.
-    import _fuzz_cases as fc
+    from fuzz._common import attention_grad_bound
+    from fuzz.attention import cancellation_floors
     p = _ILL_CONDITIONED[35657270341]
     g = torch.Generator().manual_seed(35657270341)
     q, k, v = (torch.randn(1, 1, s, 64, generator=g, dtype=torch.float64).requires_grad_()
@@ -210,9 +211,9 @@ def test_cancellation_bound_catches_a_masking_error():
     kpm_bug[0, 2] = False
     out_bug = ref.attention(q, k, v, key_padding_mask=kpm_bug, **kw)
     dq_bug, dk_bug = torch.autograd.grad(out_bug, (q, k), do)
-    floor_q, floor_k = fc.cancellation_floors(q.detach(), k.detach(), out.detach(), do, probs.detach())
+    floor_q, floor_k = cancellation_floors(q.detach(), k.detach(), out.detach(), do, probs.detach())
     for err, floor in (((dq_bug - dq).norm(), floor_q), ((dk_bug - dk).norm(), floor_k)):
-        assert err > 10 * fc.attention_grad_bound(floor, torch.float16, 64)
+        assert err > 10 * attention_grad_bound(floor, torch.float16, 64)
 
 
 def _varlen_case(dtype, Hq=2, Hkv=1, D=32, lens_q=(1, 17, 40), lens_k=(5, 17, 33)):

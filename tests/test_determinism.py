@@ -113,7 +113,7 @@ def test_dropout_differs_between_seeds():
 @has_extension
 @pytest.mark.parametrize("name", ["LSTM", "MultiheadAttention", "ConvBnReLU2d"])
 def test_modules(name):
-    import _fuzz_cases as fc
+    import fuzz as fc
     make_f, _, inputs, kw = fc.module_cases()[name]
     torch.manual_seed(0)
     m = make_f()

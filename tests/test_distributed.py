@@ -72,7 +72,7 @@ def _spawn(job):
 
 # ---- jobs (run in the workers) --------------------------------------------------------------
 def _train_job(rank):
-    import _fuzz_cases as fc
+    import fuzz as fc
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}

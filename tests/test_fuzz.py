@@ -1,6 +1,6 @@
 """Fuzzing every fastbig op against its float64 oracle, forward and backward.
 
-Cases come from tests/_fuzz_cases.py: shapes, dtypes, flags, memory layouts (contiguous,
+Cases come from tests/fuzz/ (one module an op): shapes, dtypes, flags, memory layouts (contiguous,
 transposed, strided, expanded) and backends drawn from ``random.Random(seed)``; tensors from
 ``torch.Generator().manual_seed(seed)``. Each case's outputs and input-gradients are bounded by
 tests/conftest.py's per-dtype tolerances (``rel_err``, NaN never passes), and the caller's inputs
@@ -16,7 +16,7 @@ Default counts: 1000 cases per op, the Triton interpreter's included (attention_
 (FASTBIG_FUZZ sets every op's count, the Triton ones included.) A failure prints each failing
 case's seed and parameters and the command that replays it:
 
-    python tests/_fuzz_cases.py <op> <seed>
+    python tests/fuzz <op> <seed>
 
 Expect the long run to turn up rare marginal misses (a few 1e-5 against float32's 1e-5) on tiny
 float32 cases whose outputs are a handful of distinct numbers with cancellation (one of them
@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 
-import _fuzz_cases as fc
+import fuzz as fc
 
 # ops whose default cases still fail because of a reported, unfixed bug: op -> reason (strict)
 KNOWN_BUGS: dict = {}
@@ -76,4 +76,4 @@ def test_fuzz_against_float64_oracle(op, one_thread):
     if failures:
         shown = "\n  ".join(failures[:10])
         pytest.fail(f"{op}: {len(failures)} of {n} cases failed (replay one with "
-                    f"`python tests/_fuzz_cases.py {op} <seed>`):\n  {shown}", pytrace=False)
+                    f"`python tests/fuzz {op} <seed>`):\n  {shown}", pytrace=False)

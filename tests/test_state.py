@@ -9,7 +9,7 @@ import torch
 
 import fastbig
 from fastbig import backends
-import _fuzz_cases as fc
+import fuzz as fc
 from conftest import assert_close, has_extension
 
 MODULES = fc.module_cases()
