@@ -82,7 +82,7 @@ def _condition(p: dict, size_keys, expanded=False, min_numel=64):
     decides the norm: the check would measure rounding luck, not the kernel. So float16/bfloat16
     cases get at least ``min_numel`` output elements and input scale <= 3, small float32 cases
     scale <= 3, and expanded inputs scale <= 1. Saturation itself is tested directly
-    (tests/test_reliability.py, tests/test_lstm_cell.py).
+    (tests/test_bad_input_*.py, tests/test_lstm_cell.py).
     """
     # an input expanded along size_keys[0] holds only the other sizes' worth of distinct values
     keys = size_keys[1:] if expanded else size_keys
