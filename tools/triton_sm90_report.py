@@ -286,21 +286,10 @@ def _compile_one(job):
     finally:
         knobs.nvidia.dump_ptxas_log = old
     regs, spill, stack = _ptxas_numbers(buf.getvalue())
-    if regs is None:  # from the cache: ptxas did not run; read the cubin's resource usage
-        regs, spill, stack = _cubin_usage(k.asm["cubin"])
+    if regs is None:
+        raise RuntimeError("no ptxas log (a cached kernel?): the report compiles in a fresh cache")
     return {"shared": k.metadata.shared, "regs": regs, "spill": spill, "stack": stack,
             "num_warps": k.metadata.num_warps, "num_stages": k.metadata.num_stages, "seconds": time.time() - t0}
-
-
-def _cubin_usage(cubin):
-    from triton import knobs
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                             capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    return (int(m.group(1)), int(m.group(3)), int(m.group(2))) if m else (None, None, None)
 
 
 _MOD = None
@@ -529,7 +518,10 @@ def main(argv=None):
         with open(jin, "w") as f:
             json.dump({"records": cap["records"], "jobs": a.jobs}, f)
         py = sys.executable if a.triton_python == "self" else a.triton_python
-        r = subprocess.run([py, os.path.abspath(__file__), "--compile-json", jin, jout])
+        # A fresh Triton cache, so ptxas runs for every config: a cached kernel has no ptxas log,
+        # and its cubin gives local memory, not the spill stores + loads this table reports.
+        env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tmp, "triton-cache"))
+        r = subprocess.run([py, os.path.abspath(__file__), "--compile-json", jin, jout], env=env)
         if r.returncode != 0:
             print("triton_sm90_report: the compile step failed (%s)" % py, file=sys.stderr)
             return 2

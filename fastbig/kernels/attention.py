@@ -146,6 +146,74 @@ def _alibi_slope2(Alibi, b64, h, sab, sah, HAS_ALIBI: tl.constexpr):
     return slope2
 
 
+@triton.jit
+def _load_tile(base, offs_r64, stride_r, offs_d, stride_d, mask):
+    """A [rows, BLOCK_D] tile at base + r * stride_r + d * stride_d, zeros outside mask."""
+    return tl.load(base + offs_r64[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_band(start_m, k_len, diag, window_left, window_right,
+              HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the keys that query rows start_m .. start_m + BLOCK_M - 1 can see under the
+    causal/window band (the band's diagonal shifted by diag); lo rounded down to a key tile."""
+    lo = 0
+    hi = k_len
+    if HAS_WL:
+        lo = tl.maximum(start_m + diag - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_WR:
+        hi = tl.minimum(hi, start_m + BLOCK_M + diag + window_right)
+    return lo, hi
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i, acc):
+    """One key tile of the online softmax (log2 domain): the tile's unnormalized P, the new running
+    max, and the running sum and output accumulator rescaled to it."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: no NaN
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc
+
+
+@triton.jit
+def _normalize(acc, m_i, l_i):
+    """The rows' output acc / l and log2-sum-exp; a row that saw no key gives 0 and -inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    return acc / l_safe[:, None], tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+
+
+@triton.jit
+def _row_stats(Lse, Delta, offs, m_ok):
+    """The backward's per-row lse in the log2 domain (+inf for a row that saw no key, so its P is
+    0) and Delta = rowsum(dO * O), at Lse + offs and Delta + offs."""
+    lse = tl.load(Lse + offs, mask=m_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + offs, mask=m_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _probs_and_dp(s, lse2, do, v, seed, bh, offs_m, offs_n, drop_stride, dropout_p, drop_scale,
+                  HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """A recomputed tile's P = exp2(s - lse2), the P the forward multiplied V by (after dropout)
+    and dP = dO V^T (after dropout): what dS = P * (dP - Delta) and dV = P^T dO need."""
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
+        pd = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    else:
+        pd = p
+    return p, pd, dp
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -196,43 +264,29 @@ def _attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Key range this query block can see: skip tiles outside the causal/window band (the band's
-    # diagonal is shifted by diag = Sk - Sq when bottom_right).
-    lo = 0
-    hi = k_len
-    if HAS_WL:
-        lo = tl.maximum(start_m + diag - window_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    if HAS_WR:
-        hi = tl.minimum(hi, start_m + BLOCK_M + diag + window_right)
+    # Key range this query block can see: skip tiles outside the causal/window band.
+    lo, hi = _key_band(start_m, k_len, diag, window_left, window_right, HAS_WL, HAS_WR,
+                       BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         offs_n64 = offs_n.to(tl.int64)
         kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n64, skn, offs_d, skd, kv_mask)
         s, _t = _score_tile(q, k, offs_m, m_ok, offs_n, k_len, diag, qk_scale2, cap2, slope2,
                             Mask, mrow, smn, kp_base, skpn, window_left, window_right,
                             HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI,
                             DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: no NaN
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + offs_n64[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        v = _load_tile(v_base, offs_n64, svn, offs_d, svd, kv_mask)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse2 = _normalize(acc, m_i, l_i)
     if HAS_DROPOUT:
         out = out * drop_scale
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = lse2 * 0.6931471805599453
     o_ptrs = (Out + b64 * sob + h64 * soh + (q_start + offs_m).to(tl.int64)[:, None] * som
               + offs_d[None, :] * sod)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -316,10 +370,8 @@ def _attn_bwd_dkdv_kernel(
     kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
     krows = (k_start + offs_n).to(tl.int64)
     hk64 = hk.to(tl.int64)
-    k = tl.load(K + b64 * skb + hk64 * skh + krows[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * svb + hk64 * svh + krows[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
+    k = _load_tile(K + b64 * skb + hk64 * skh, krows, skn, offs_d, skd, kv_mask)
+    v = _load_tile(V + b64 * svb + hk64 * svh, krows, svn, offs_d, svd, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     kp_base = Kpm + b64 * skpb
@@ -346,25 +398,16 @@ def _attn_bwd_dkdv_kernel(
             offs_m64 = offs_m.to(tl.int64)
             m_ok = offs_m < q_len
             qmask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m64[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
-            do = tl.load(do_base + offs_m64[:, None] * sdm + offs_d[None, :] * sdd, mask=qmask,
-                         other=0.0)
-            lse = tl.load(l_base + offs_m64 * slm, mask=m_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(d_base + offs_m64 * slm, mask=m_ok, other=0.0)
+            q = _load_tile(q_base, offs_m64, sqm, offs_d, sqd, qmask)
+            do = _load_tile(do_base, offs_m64, sdm, offs_d, sdd, qmask)
+            lse2, delta = _row_stats(l_base, d_base, offs_m64 * slm, m_ok)
             mrow = b64 * smb + h64 * smh + offs_m64 * smm
             s, t = _score_tile(q, k, offs_m, m_ok, offs_n, k_len, diag, qk_scale2, cap2, slope2,
                                Mask, mrow, smn, kp_base, skpn, window_left, window_right,
                                HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, HAS_SOFTCAP,
                                HAS_ALIBI, DOT_PREC)
-            p = tl.exp2(s - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
-                pd = tl.where(keep, p * drop_scale, 0.0)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            else:
-                pd = p
+            p, pd, dp = _probs_and_dp(s, lse2, do, v, seed, bh, offs_m, offs_n, drop_stride,
+                                      dropout_p, drop_scale, HAS_DROPOUT, DOT_PREC)
             dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
@@ -408,13 +451,9 @@ def _attn_bwd_dq_kernel(
     qmask = m_ok[:, None] & d_ok[None, :]
     rows = (q_start + offs_m).to(tl.int64)
     h64 = h.to(tl.int64)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=qmask, other=0.0)
-    do = tl.load(DO + b64 * sdb + h64 * sdh + rows[:, None] * sdm + offs_d[None, :] * sdd,
-                 mask=qmask, other=0.0)
-    lse = tl.load(Lse + b64 * slb + h64 * slh + rows * slm, mask=m_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(Delta + b64 * slb + h64 * slh + rows * slm, mask=m_ok, other=0.0)
+    q = _load_tile(Q + b64 * sqb + h64 * sqh, rows, sqm, offs_d, sqd, qmask)
+    do = _load_tile(DO + b64 * sdb + h64 * sdh, rows, sdm, offs_d, sdd, qmask)
+    lse2, delta = _row_stats(Lse, Delta, b64 * slb + h64 * slh + rows * slm, m_ok)
     k_base = K + b64 * skb + hk.to(tl.int64) * skh + k_start.to(tl.int64) * skn
     v_base = V + b64 * svb + hk.to(tl.int64) * svh + k_start.to(tl.int64) * svn
     mrow = b64 * smb + h64 * smh + offs_m.to(tl.int64) * smm
@@ -422,28 +461,20 @@ def _attn_bwd_dq_kernel(
     slope2 = _alibi_slope2(Alibi, b64, h, sab, sah, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo = 0
-    hi = k_len
-    if HAS_WL:
-        lo = tl.maximum(start_m + diag - window_left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    if HAS_WR:
-        hi = tl.minimum(hi, start_m + BLOCK_M + diag + window_right)
+    lo, hi = _key_band(start_m, k_len, diag, window_left, window_right, HAS_WL, HAS_WR,
+                       BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         offs_n64 = offs_n.to(tl.int64)
         kv_mask = (offs_n < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n64[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n64, skn, offs_d, skd, kv_mask)
+        v = _load_tile(v_base, offs_n64, svn, offs_d, svd, kv_mask)
         s, t = _score_tile(q, k, offs_m, m_ok, offs_n, k_len, diag, qk_scale2, cap2, slope2,
                            Mask, mrow, smn, kp_base, skpn, window_left, window_right,
                            HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI,
                            DOT_PREC)
-        p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
+        p, _pd, dp = _probs_and_dp(s, lse2, do, v, seed, bh, offs_m, offs_n, drop_stride,
+                                   dropout_p, drop_scale, HAS_DROPOUT, DOT_PREC)
         ds = p * (dp - delta[:, None])
         if STORE_DMASK:  # d(loss)/d(additive mask) = dS, written once per (b, h, m, n)
             gptr = (DMask + b64 * sgb + h64 * sgh + offs_m.to(tl.int64)[:, None] * sgm
@@ -511,32 +542,23 @@ def _attn_bwd_dmask_kernel(
                 offs_m64 = offs_m.to(tl.int64)
                 m_ok = offs_m < SQ
                 qmask = m_ok[:, None] & d_ok[None, :]
-                q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m64[:, None] * sqm + offs_d[None, :] * sqd,
-                            mask=qmask, other=0.0)
-                do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m64[:, None] * sdm
-                             + offs_d[None, :] * sdd, mask=qmask, other=0.0)
-                lse = tl.load(Lse + b64 * slb + h64 * slh + offs_m64 * slm, mask=m_ok,
-                              other=float("inf"))
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-                delta = tl.load(Delta + b64 * slb + h64 * slh + offs_m64 * slm, mask=m_ok, other=0.0)
+                q = _load_tile(Q + b64 * sqb + h64 * sqh, offs_m64, sqm, offs_d, sqd, qmask)
+                do = _load_tile(DO + b64 * sdb + h64 * sdh, offs_m64, sdm, offs_d, sdd, qmask)
+                lse2, delta = _row_stats(Lse, Delta, b64 * slb + h64 * slh + offs_m64 * slm, m_ok)
                 mrow = b64 * smb + h64 * smh + offs_m64 * smm
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + offs_n0
                     offs_n64 = offs_n.to(tl.int64)
                     kv_mask = (offs_n < SK)[:, None] & d_ok[None, :]
-                    k = tl.load(K + b64 * skb + hk64 * skh + offs_n64[:, None] * skn
-                                + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-                    v = tl.load(V + b64 * svb + hk64 * svh + offs_n64[:, None] * svn
-                                + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+                    k = _load_tile(K + b64 * skb + hk64 * skh, offs_n64, skn, offs_d, skd, kv_mask)
+                    v = _load_tile(V + b64 * svb + hk64 * svh, offs_n64, svn, offs_d, svd, kv_mask)
                     s, _t = _score_tile(q, k, offs_m, m_ok, offs_n, SK, diag, qk_scale2, cap2,
                                         slope2, Mask, mrow, smn, kp_base, skpn, window_left,
                                         window_right, True, False, HAS_KPM, HAS_WL, HAS_WR,
                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
-                    p = tl.exp2(s - lse2[:, None])
-                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-                    if HAS_DROPOUT:
-                        keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_stride, dropout_p)
-                        dp = tl.where(keep, dp * drop_scale, 0.0)
+                    p, _pd, dp = _probs_and_dp(s, lse2, do, v, seed, bh, offs_m, offs_n,
+                                               drop_stride, dropout_p, drop_scale, HAS_DROPOUT,
+                                               DOT_PREC)
                     acc += p * (dp - delta[:, None])
     gbase = DMask + bm.to(tl.int64) * sgb + hm.to(tl.int64) * sgh
     rows = (m_lo + offs_m0).to(tl.int64)
@@ -629,28 +651,20 @@ def _attn_fwd_splitk_kernel(
         offs_n = start_n + offs_n0
         offs_n64 = offs_n.to(tl.int64)
         kv_mask = (offs_n < hi)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        k = _load_tile(k_base, offs_n64, skn, offs_d, skd, kv_mask)
         s, _t = _score_tile(q, k, pos_m, m_ok, offs_n, hi, diag, qk_scale2, cap2, slope2,
                             Mask, mrow, smn, kp_base, skpn, window_left, window_right,
                             HAS_MASK, MASK_BOOL, HAS_KPM, HAS_WL, HAS_WR, HAS_SOFTCAP, HAS_ALIBI,
                             DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = tl.load(v_base + offs_n64[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        p, m_i, l_i, acc = _online_softmax(s, m_i, l_i, acc)
+        v = _load_tile(v_base, offs_n64, svn, offs_d, svd, kv_mask)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
+    out, lse2 = _normalize(acc, m_i, l_i)
     # partials [B, H, SQ, NUM_SPLITS, (D)], fp32
     prow = ((b64 * H + h64) * SQ + pos_m.to(tl.int64)) * NUM_SPLITS + split
-    tl.store(OPart + prow[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
-             mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LPart + prow, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=m_ok)
+    tl.store(OPart + prow[:, None] * D + offs_d[None, :], out, mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LPart + prow, lse2, mask=m_ok)
 
 
 @triton.jit
