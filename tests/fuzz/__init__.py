@@ -8,7 +8,8 @@ tensors from ``torch.Generator().manual_seed(seed)``; so ``(op, seed)`` replays 
 Each runner runs fastbig's op forward AND backward on the case's inputs and the float64 oracle of
 fastbig/reference/ on the same inputs (cast to float64), and returns the comparisons
 ``(name, out, ref, dtype, tf32)``; the test bounds each by tests/conftest.py's ``tol``.
-Ops whose code has not landed (or that this build lacks) report why through ``available``.
+An op this machine cannot run (the Triton kernels without a GPU or the interpreter) says why
+through its ``available``; the test skips it with that reason.
 
 One module an op (its generator, its runner and its ``register(OpSpec(...))``), imported below;
 ``_common`` holds the tensor helpers and error bounds they share, ``_registry`` the registry and

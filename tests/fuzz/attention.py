@@ -19,12 +19,6 @@ from ._common import (LAYOUTS, LOW_PRECISION, Check, _check_meta, _grads, _leaf,
 from ._registry import OpSpec, register
 
 
-def _attention_available():
-    if not hasattr(fastbig.ops, "attention"):
-        return False, "fastbig.ops.attention has not landed"
-    return True, ""
-
-
 def _attention_gen(r: random.Random, *, triton=False) -> dict:
     Hkv = r.choice([1, 1, 2, 3])
     p = dict(
@@ -223,19 +217,16 @@ def _attention_run(p: dict, seed: int) -> List[Check]:
     return checks
 
 
-register(OpSpec("attention", _attention_available, _attention_gen, _attention_run, 1000))
+register(OpSpec("attention", _attention_gen, _attention_run, 1000))
 
 
 def _attention_triton_available():
-    ok, why = _attention_available()
-    if not ok:
-        return ok, why
     if not torch.cuda.is_available() and not backends.triton_interpret():
         return False, "TRITON_INTERPRET=1 was not set before the kernels were defined"
     return True, ""
 
 
-register(OpSpec("attention_triton", _attention_triton_available,
-                lambda r: _attention_gen(r, triton=True), _attention_run, 1000,
+register(OpSpec("attention_triton", lambda r: _attention_gen(r, triton=True), _attention_run, 1000,
+                available=_attention_triton_available,
                 note="Triton interpreter: ~0.1 s a case on 2 busy CPU cores (see "
                      "_attention_triton_shape and _interpreter)"))

@@ -25,10 +25,6 @@ def _cell_output_grads(gen, B, H, dtype, which):
     return (dh, None) if which == "h" else (None, dc) if which == "c" else (dh, dc)
 
 
-def _lstm_cell_available():
-    return True, ""
-
-
 def _lstm_cell_gen(r: random.Random) -> dict:
     p = dict(
         B=r.choice([1, 2, 3, 5, 8, r.randint(1, 40)]),
@@ -71,7 +67,7 @@ def _lstm_cell_run(p: dict, seed: int) -> List[Check]:
             ("grad gates", gg, rg, dtype, False), ("grad c_prev", gc, rc, dtype, False)]
 
 
-register(OpSpec("lstm_cell", _lstm_cell_available, _lstm_cell_gen, _lstm_cell_run, 1000))
+register(OpSpec("lstm_cell", _lstm_cell_gen, _lstm_cell_run, 1000))
 
 
 # ---- lstm_cell_step (a whole nn.LSTMCell step) ---------------------------------------------------
@@ -184,4 +180,4 @@ def _cell_step_floors(args64, h_ref, c_ref, gouts64):
     return {0: (dG2 @ w_ih.square()).sum().sqrt().item(), 1: (dG2 @ w_hh.square()).sum().sqrt().item()}
 
 
-register(OpSpec("lstm_cell_step", _lstm_cell_available, _lstm_cell_step_gen, _lstm_cell_step_run, 400))
+register(OpSpec("lstm_cell_step", _lstm_cell_step_gen, _lstm_cell_step_run, 400))
