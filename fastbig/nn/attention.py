@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._checks import DtypeError
+from ..errors import DtypeError
 from ..ops.attention import attention as _attention
 
 __all__ = ["MultiheadAttention", "SelfAttention", "MHA_FORWARD_ARGUMENTS"]
