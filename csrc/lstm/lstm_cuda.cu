@@ -22,16 +22,11 @@ __global__ void cell_forward_kernel(const scalar_t* __restrict__ a, const scalar
   const int64_t n = B * H;
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = k / H, j = k - b * H;
-    const scalar_t* ab = a + b * 4 * H;
+    const Gates<acc_t> in = load_gates<acc_t>(a + b * 4 * H, j, H);
     Gates<acc_t> g;
     acc_t cv, hv;
-    cell_forward<acc_t>(acc_t(ab[j]), acc_t(ab[H + j]), acc_t(ab[2 * H + j]), acc_t(ab[3 * H + j]),
-                        acc_t(c_prev[k]), g, cv, hv);
-    scalar_t* actb = act + b * 4 * H;
-    actb[j] = scalar_t(g.i);
-    actb[H + j] = scalar_t(g.f);
-    actb[2 * H + j] = scalar_t(g.g);
-    actb[3 * H + j] = scalar_t(g.o);
+    cell_forward<acc_t>(in.i, in.f, in.g, in.o, acc_t(c_prev[k]), g, cv, hv);
+    store_gates(g, act + b * 4 * H, j, H);
     c[k] = scalar_t(cv);
     h[k] = scalar_t(hv);
   }
@@ -45,17 +40,12 @@ __global__ void cell_backward_kernel(const scalar_t* __restrict__ dh, const scal
   const int64_t n = B * H;
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = k / H, j = k - b * H;
-    const scalar_t* actb = act + b * 4 * H;
-    Gates<acc_t> g{acc_t(actb[j]), acc_t(actb[H + j]), acc_t(actb[2 * H + j]), acc_t(actb[3 * H + j])};
+    const Gates<acc_t> g = load_gates<acc_t>(act + b * 4 * H, j, H);
     Gates<acc_t> d;
     acc_t dcp;
     cell_backward<acc_t>(dh ? acc_t(dh[k]) : acc_t(0), dc ? acc_t(dc[k]) : acc_t(0), g, acc_t(c_prev[k]),
                          acc_t(c[k]), d, dcp);
-    scalar_t* dab = da + b * 4 * H;
-    dab[j] = scalar_t(d.i);
-    dab[H + j] = scalar_t(d.f);
-    dab[2 * H + j] = scalar_t(d.g);
-    dab[3 * H + j] = scalar_t(d.o);
+    store_gates(d, da + b * 4 * H, j, H);
     dc_prev[k] = scalar_t(dcp);
   }
 }
@@ -130,18 +120,9 @@ __global__ void layer_forward_kernel(scalar_t* __restrict__ gates, const scalar_
     const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
     Gates<acc_t> a;
     acc_t cv, hv;
-    acc_t ai = acc_t(g[j]), af = acc_t(g[H + j]), ag = acc_t(g[2 * H + j]), ao = acc_t(g[3 * H + j]);
-    if (bias) {
-      ai += acc_t(bias[j]);
-      af += acc_t(bias[H + j]);
-      ag += acc_t(bias[2 * H + j]);
-      ao += acc_t(bias[3 * H + j]);
-    }
-    cell_forward<acc_t>(ai, af, ag, ao, cp, a, cv, hv);
-    g[j] = scalar_t(a.i);
-    g[H + j] = scalar_t(a.f);
-    g[2 * H + j] = scalar_t(a.g);
-    g[3 * H + j] = scalar_t(a.o);
+    const Gates<acc_t> in = load_preact<acc_t>(g, bias, j, H);
+    cell_forward<acc_t>(in.i, in.f, in.g, in.o, cp, a, cv, hv);
+    store_gates(a, g, j, H);
     c_out[k] = scalar_t(cv);
     h_out[k] = scalar_t(hv);
   }
@@ -156,18 +137,13 @@ __global__ void layer_backward_kernel(const scalar_t* __restrict__ dh_a, const s
   const int64_t total = n * H;
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = k / H, j = k - b * H;
-    const scalar_t* ab = act + b * 4 * H;
-    Gates<acc_t> a{acc_t(ab[j]), acc_t(ab[H + j]), acc_t(ab[2 * H + j]), acc_t(ab[3 * H + j])};
+    const Gates<acc_t> a = load_gates<acc_t>(act + b * 4 * H, j, H);
     const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
     const acc_t dh = acc_t(dh_a[k]) + (dh_b ? acc_t(dh_b[k]) : acc_t(0));
     Gates<acc_t> d;
     acc_t dcp;
     cell_backward<acc_t>(dh, acc_t(dc[k]), a, cp, acc_t(c[k]), d, dcp);
-    scalar_t* db = dgates + b * 4 * H;
-    db[j] = scalar_t(d.i);
-    db[H + j] = scalar_t(d.f);
-    db[2 * H + j] = scalar_t(d.g);
-    db[3 * H + j] = scalar_t(d.o);
+    store_gates(d, dgates + b * 4 * H, j, H);
     dc[k] = scalar_t(dcp);
   }
 }
