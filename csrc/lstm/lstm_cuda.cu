@@ -57,51 +57,39 @@ inline unsigned grid_for(int64_t n) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cuda(const at::Tensor& gates_in,
                                                               const at::Tensor& c_prev_in) {
-  check_cell_inputs(gates_in, c_prev_in);
+  const CellArgs a = cell_args(gates_in, c_prev_in);
   const c10::cuda::CUDAGuard guard(gates_in.device());
-  const auto gates = gates_in.contiguous();
-  const auto c_prev = c_prev_in.contiguous();
-  const int64_t B = gates.size(0), H = gates.size(1) / 4;
-  auto h = at::empty({B, H}, gates.options());
-  auto c = at::empty({B, H}, gates.options());
-  auto act = at::empty({B, 4 * H}, gates.options());
-  if (B * H == 0) return {h, c, act};
+  const int64_t B = a.B, H = a.H;
+  if (B * H == 0) return {a.h, a.c, a.act};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gates.scalar_type(), "lstm_cell_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.gates.scalar_type(), "lstm_cell_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cell_forward_kernel<scalar_t, acc_t><<<grid_for(B * H), kThreads, 0, stream>>>(
-        gates.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-        c.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(), B, H);
+        a.gates.data_ptr<scalar_t>(), a.c_prev.data_ptr<scalar_t>(), a.h.data_ptr<scalar_t>(),
+        a.c.data_ptr<scalar_t>(), a.act.data_ptr<scalar_t>(), B, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {h, c, act};
+  return {a.h, a.c, a.act};
 }
 
 std::tuple<at::Tensor, at::Tensor> lstm_cell_backward_cuda(const c10::optional<at::Tensor>& grad_h,
                                                            const c10::optional<at::Tensor>& grad_c,
                                                            const at::Tensor& act_in, const at::Tensor& c_prev_in,
                                                            const at::Tensor& c_in) {
-  check_cell_backward_inputs(grad_h, grad_c, act_in, c_prev_in, c_in);
+  const CellBackwardArgs a = cell_backward_args(grad_h, grad_c, act_in, c_prev_in, c_in);
   const c10::cuda::CUDAGuard guard(act_in.device());
-  const auto act = act_in.contiguous();
-  const auto c_prev = c_prev_in.contiguous();
-  const auto c = c_in.contiguous();
-  const auto dh = grad_or_undefined(grad_h, act);
-  const auto dc = grad_or_undefined(grad_c, act);
-  const int64_t B = act.size(0), H = act.size(1) / 4;
-  auto da = at::empty({B, 4 * H}, act.options());
-  auto dcp = at::empty({B, H}, act.options());
-  if (B * H == 0) return {da, dcp};
+  const int64_t B = a.B, H = a.H;
+  if (B * H == 0) return {a.da, a.dcp};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, act.scalar_type(), "lstm_cell_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.act.scalar_type(), "lstm_cell_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cell_backward_kernel<scalar_t, acc_t><<<grid_for(B * H), kThreads, 0, stream>>>(
-        dh.defined() ? dh.data_ptr<scalar_t>() : nullptr, dc.defined() ? dc.data_ptr<scalar_t>() : nullptr,
-        act.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(),
-        dcp.data_ptr<scalar_t>(), B, H);
+        a.dh.defined() ? a.dh.data_ptr<scalar_t>() : nullptr, a.dc.defined() ? a.dc.data_ptr<scalar_t>() : nullptr,
+        a.act.data_ptr<scalar_t>(), a.c_prev.data_ptr<scalar_t>(), a.c.data_ptr<scalar_t>(),
+        a.da.data_ptr<scalar_t>(), a.dcp.data_ptr<scalar_t>(), B, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {da, dcp};
+  return {a.da, a.dcp};
 }
 
 
