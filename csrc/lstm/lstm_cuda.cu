@@ -15,13 +15,22 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The units (b, j) of rows [0, n) of a step, k = b * H + j, in a grid-stride loop: f(k, b, j).
+// Consecutive threads take consecutive j, so a warp's loads of a gate block are coalesced.
+template <typename F>
+__device__ __forceinline__ void for_each_unit(int64_t n, int64_t H, F f) {
+  const int64_t total = n * H;
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = k / H;
+    f(k, b, k - b * H);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void cell_forward_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ c_prev,
                                     scalar_t* __restrict__ h, scalar_t* __restrict__ c,
                                     scalar_t* __restrict__ act, int64_t B, int64_t H) {
-  const int64_t n = B * H;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = k / H, j = k - b * H;
+  for_each_unit(B, H, [&](int64_t k, int64_t b, int64_t j) {
     const Gates<acc_t> in = load_gates<acc_t>(a + b * 4 * H, j, H);
     Gates<acc_t> g;
     acc_t cv, hv;
@@ -29,7 +38,7 @@ __global__ void cell_forward_kernel(const scalar_t* __restrict__ a, const scalar
     store_gates(g, act + b * 4 * H, j, H);
     c[k] = scalar_t(cv);
     h[k] = scalar_t(hv);
-  }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -37,9 +46,7 @@ __global__ void cell_backward_kernel(const scalar_t* __restrict__ dh, const scal
                                      const scalar_t* __restrict__ act, const scalar_t* __restrict__ c_prev,
                                      const scalar_t* __restrict__ c, scalar_t* __restrict__ da,
                                      scalar_t* __restrict__ dc_prev, int64_t B, int64_t H) {
-  const int64_t n = B * H;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = k / H, j = k - b * H;
+  for_each_unit(B, H, [&](int64_t k, int64_t b, int64_t j) {
     const Gates<acc_t> g = load_gates<acc_t>(act + b * 4 * H, j, H);
     Gates<acc_t> d;
     acc_t dcp;
@@ -47,7 +54,7 @@ __global__ void cell_backward_kernel(const scalar_t* __restrict__ dh, const scal
                          acc_t(c[k]), d, dcp);
     store_gates(d, da + b * 4 * H, j, H);
     dc_prev[k] = scalar_t(dcp);
-  }
+  });
 }
 
 inline unsigned grid_for(int64_t n) {
@@ -101,9 +108,7 @@ __global__ void layer_forward_kernel(scalar_t* __restrict__ gates, const scalar_
                                      int64_t n_a, const scalar_t* __restrict__ c0, scalar_t* __restrict__ c_out,
                                      scalar_t* __restrict__ h_out, int64_t n, int64_t H,
                                      const scalar_t* __restrict__ bias) {
-  const int64_t total = n * H;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = k / H, j = k - b * H;
+  for_each_unit(n, H, [&](int64_t k, int64_t b, int64_t j) {
     scalar_t* g = gates + b * 4 * H;
     const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
     Gates<acc_t> a;
@@ -113,7 +118,7 @@ __global__ void layer_forward_kernel(scalar_t* __restrict__ gates, const scalar_
     store_gates(a, g, j, H);
     c_out[k] = scalar_t(cv);
     h_out[k] = scalar_t(hv);
-  }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -122,9 +127,7 @@ __global__ void layer_backward_kernel(const scalar_t* __restrict__ dh_a, const s
                                       const scalar_t* __restrict__ cprev_a, int64_t n_a,
                                       const scalar_t* __restrict__ c0, const scalar_t* __restrict__ c,
                                       scalar_t* __restrict__ dgates, int64_t n, int64_t H) {
-  const int64_t total = n * H;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = k / H, j = k - b * H;
+  for_each_unit(n, H, [&](int64_t k, int64_t b, int64_t j) {
     const Gates<acc_t> a = load_gates<acc_t>(act + b * 4 * H, j, H);
     const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
     const acc_t dh = acc_t(dh_a[k]) + (dh_b ? acc_t(dh_b[k]) : acc_t(0));
@@ -133,7 +136,7 @@ __global__ void layer_backward_kernel(const scalar_t* __restrict__ dh_a, const s
     cell_backward<acc_t>(dh, acc_t(dc[k]), a, cp, acc_t(c[k]), d, dcp);
     store_gates(d, dgates + b * 4 * H, j, H);
     dc[k] = scalar_t(dcp);
-  }
+  });
 }
 
 void layer_fwd_pointwise_cuda(at::ScalarType st, const FwdStep& s) {
