@@ -125,6 +125,18 @@ int dtype_code(const at::Tensor& t) {
 
 at::Tensor inner_contig(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// One [B, H, S, D] operand into Params: its data and its B, H and S element strides (a copy with
+// unit D stride where it has none, kept alive in keep).
+void set_operand(std::vector<at::Tensor>& keep, const at::Tensor& t, const void*& data, int64_t& sb, int64_t& sh,
+                 int64_t& ss) {
+  at::Tensor c = inner_contig(t);
+  keep.push_back(c);
+  data = c.data_ptr();
+  sb = c.stride(0);
+  sh = c.stride(1);
+  ss = c.stride(2);
+}
+
 // Fills the parts of Params shared by the forward and the backward; returns the tensors that keep
 // converted copies alive.
 std::vector<at::Tensor> fill_params(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -158,20 +170,9 @@ std::vector<at::Tensor> fill_params(Params& p, const at::Tensor& q, const at::Te
   TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, op, ": Hq must be a multiple of Hkv, got Hq=", p.Hq,
               " and Hkv=", p.Hkv);
   p.Dp = (p.D + 15) / 16 * 16;
-  at::Tensor qc = inner_contig(q), kc = inner_contig(k), vc = inner_contig(v);
-  keep.insert(keep.end(), {qc, kc, vc});
-  p.q = qc.data_ptr();
-  p.q_sb = qc.stride(0);
-  p.q_sh = qc.stride(1);
-  p.q_ss = qc.stride(2);
-  p.k = kc.data_ptr();
-  p.k_sb = kc.stride(0);
-  p.k_sh = kc.stride(1);
-  p.k_ss = kc.stride(2);
-  p.v = vc.data_ptr();
-  p.v_sb = vc.stride(0);
-  p.v_sh = vc.stride(1);
-  p.v_ss = vc.stride(2);
+  set_operand(keep, q, p.q, p.q_sb, p.q_sh, p.q_ss);
+  set_operand(keep, k, p.k, p.k_sb, p.k_sh, p.k_ss);
+  set_operand(keep, v, p.v, p.v_sb, p.v_sh, p.v_ss);
   p.scale = float(scale);
   TORCH_CHECK(softcap >= 0.0, op, ": softcap must be >= 0 (0 = off), got ", softcap);
   p.softcap = float(softcap);
@@ -354,16 +355,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
                   lse.size(2) == p.Sq,
               op, ": lse must be float32 [B, Hq, Sq], got ", lse.scalar_type(), " ", lse.sizes());
-  at::Tensor doc = inner_contig(grad_out), oc = inner_contig(out), lc = lse.contiguous();
-  keep.insert(keep.end(), {doc, oc, lc});
-  p.dout = doc.data_ptr();
-  p.do_sb = doc.stride(0);
-  p.do_sh = doc.stride(1);
-  p.do_ss = doc.stride(2);
-  p.o = oc.data_ptr();
-  p.o_sb = oc.stride(0);
-  p.o_sh = oc.stride(1);
-  p.o_ss = oc.stride(2);
+  set_operand(keep, grad_out, p.dout, p.do_sb, p.do_sh, p.do_ss);
+  set_operand(keep, out, p.o, p.o_sb, p.o_sh, p.o_ss);
+  at::Tensor lc = lse.contiguous();
+  keep.push_back(lc);
   p.lse_in = lc.data_ptr<float>();
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::empty({p.B, p.Hq, p.Sq, p.D}, f32);

@@ -37,6 +37,15 @@ inline int64_t block_grain(int64_t block_elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, block_elems));
 }
 
+// NCHW: f(pl, c) on each of the N*C planes pl (of HW elements, channel c = pl % C), planes in
+// parallel.
+template <typename F>
+inline void for_each_plane(int64_t N, int64_t C, int64_t HW, const F& f) {
+  at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElems / HW), [&](int64_t p0, int64_t p1) {
+    for (int64_t pl = p0; pl < p1; ++pl) f(pl, pl % C);
+  });
+}
+
 // The activation as a compile-time constant, so the inner loops carry no branch on it.
 template <typename F>
 inline void with_act(int64_t act, F&& f) {
@@ -295,11 +304,8 @@ void normalize_act(const scalar_t* z, scalar_t* y, Layout layout, int64_t N, int
   const acc_t* ap = p.a.data();
   const acc_t* bp = p.beta.data();
   if (layout == Layout::NCHW) {
-    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElems / HW), [&](int64_t p0, int64_t p1) {
-      for (int64_t pl = p0; pl < p1; ++pl) {
-        const int64_t c = pl % C;
-        nchw_norm_plane(z + pl * HW, y + pl * HW, HW, mp[c], ap[c], bp[c], act, slope);
-      }
+    for_each_plane(N, C, HW, [&](int64_t pl, int64_t c) {
+      nchw_norm_plane(z + pl * HW, y + pl * HW, HW, mp[c], ap[c], bp[c], act, slope);
     });
   } else {
     at::parallel_for(0, N * HW, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r0, int64_t r1) {
@@ -434,13 +440,9 @@ void backward_elem(const scalar_t* dy, const scalar_t* z, scalar_t* dz, Layout l
   const acc_t* ap = p.a.data();
   const acc_t* bp = p.beta.data();
   if (layout == Layout::NCHW) {
-    at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElems / HW), [&](int64_t p0, int64_t p1) {
-      for (int64_t pl = p0; pl < p1; ++pl) {
-        const int64_t c = pl % C;
-        const acc_t m = mp[c], a = ap[c], be = bp[c];
-        nchw_elem_plane(dy + pl * HW, z + pl * HW, dz + pl * HW, HW, m, a, be, k[c].k, k[c].g_mean, k[c].g_proj,
-                        act, slope);
-      }
+    for_each_plane(N, C, HW, [&](int64_t pl, int64_t c) {
+      nchw_elem_plane(dy + pl * HW, z + pl * HW, dz + pl * HW, HW, mp[c], ap[c], bp[c], k[c].k, k[c].g_mean,
+                      k[c].g_proj, act, slope);
     });
   } else {
     std::vector<acc_t> kk(C), gm(C), gpj(C);

@@ -63,22 +63,30 @@ __device__ __forceinline__ void split_range(int64_t total, int64_t splits, int64
   hi = lo + len < total ? lo + len : total;
 }
 
-// ---- forward: statistics --------------------------------------------------------------------
-template <typename scalar_t, typename acc_t, bool kNHWC>
-__global__ void stats_partial_kernel(const scalar_t* __restrict__ z, int64_t N, int64_t C, int64_t HW,
-                                     Welford<acc_t>* __restrict__ part) {
-  __shared__ Welford<acc_t> smem[kThreads];
+// The per-channel reduction both statistics kernels run (stats_partial: Welford of z;
+// backward_partial: the sums of dy' and dy' (z - m)): for each channel of this block, fold the
+// elements of split blockIdx.x of the channel's N*HW into a per-thread S, starting from `zero`,
+// with update(s, offset of the element), merge the block's threads in a fixed order and write
+// part[c * splits + split]. for_channel(c) gives channel c's update (it reads the channel's
+// numbers once; NHWC calls it only for c < C).
+//   NCHW: blockIdx.y strides over channels; the block's 256 threads walk consecutive hw of one
+//         channel (coalesced); hw carries into n without a division per element.
+//   NHWC: blockIdx.y strides over tiles of 32 channels x 8 rows; a warp reads 32 consecutive
+//         channels of a row (coalesced).
+template <bool kNHWC, typename S, typename ForChannel, typename Merge>
+__device__ __forceinline__ void channel_partials(int64_t N, int64_t C, int64_t HW, S zero, ForChannel for_channel,
+                                                 Merge merge, S* smem, S* __restrict__ part) {
   const int64_t splits = gridDim.x, split = blockIdx.x;
-  auto merge = [](const Welford<acc_t>& a, const Welford<acc_t>& b) { return welford_merge(a, b); };
   if (!kNHWC) {
     for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+      const auto update = for_channel(c);
       int64_t lo, hi;
       split_range(N * HW, splits, split, lo, hi);
-      Welford<acc_t> w = welford_init<acc_t>();
+      S s = zero;
       int64_t j = lo + threadIdx.x;
       int64_t n = j / HW, hw = j - n * HW;
       for (; j < hi; j += kThreads) {
-        welford_update(w, acc_t(z[(n * C + c) * HW + hw]));
+        update(s, (n * C + c) * HW + hw);
         hw += kThreads;
         if (hw >= HW) {
           const int64_t q = hw / HW;
@@ -86,8 +94,8 @@ __global__ void stats_partial_kernel(const scalar_t* __restrict__ z, int64_t N, 
           hw -= q * HW;
         }
       }
-      w = block_reduce(w, smem, 1, merge);
-      if (threadIdx.x == 0) part[c * splits + split] = w;
+      s = block_reduce(s, smem, 1, merge);
+      if (threadIdx.x == 0) part[c * splits + split] = s;
     }
   } else {
     const int tx = threadIdx.x % kTileC, ty = threadIdx.x / kTileC;
@@ -96,13 +104,27 @@ __global__ void stats_partial_kernel(const scalar_t* __restrict__ z, int64_t N, 
       const int64_t c = c0 + tx;
       int64_t lo, hi;
       split_range(M, splits, split, lo, hi);
-      Welford<acc_t> w = welford_init<acc_t>();
-      if (c < C)
-        for (int64_t r = lo + ty; r < hi; r += kTileR) welford_update(w, acc_t(z[r * C + c]));
-      w = block_reduce(w, smem, kTileC, merge);
-      if (ty == 0 && c < C) part[c * splits + split] = w;
+      S s = zero;
+      if (c < C) {
+        const auto update = for_channel(c);
+        for (int64_t r = lo + ty; r < hi; r += kTileR) update(s, r * C + c);
+      }
+      s = block_reduce(s, smem, kTileC, merge);
+      if (ty == 0 && c < C) part[c * splits + split] = s;
     }
   }
+}
+
+// ---- forward: statistics --------------------------------------------------------------------
+template <typename scalar_t, typename acc_t, bool kNHWC>
+__global__ void stats_partial_kernel(const scalar_t* __restrict__ z, int64_t N, int64_t C, int64_t HW,
+                                     Welford<acc_t>* __restrict__ part) {
+  __shared__ Welford<acc_t> smem[kThreads];
+  auto merge = [](const Welford<acc_t>& a, const Welford<acc_t>& b) { return welford_merge(a, b); };
+  auto for_channel = [=](int64_t) {
+    return [=](Welford<acc_t>& w, int64_t off) { welford_update(w, acc_t(z[off])); };
+  };
+  channel_partials<kNHWC>(N, C, HW, welford_init<acc_t>(), for_channel, merge, smem, part);
 }
 
 // One thread per channel: Chan merge of the partials in split order, then the per-channel
@@ -155,53 +177,17 @@ __global__ void backward_partial_kernel(const scalar_t* __restrict__ dy, const s
                                         const acc_t* __restrict__ coef, int64_t act, acc_t slope,
                                         Sums2<acc_t>* __restrict__ part) {
   __shared__ Sums2<acc_t> smem[kThreads];
-  const int64_t splits = gridDim.x, split = blockIdx.x;
   auto merge = [](const Sums2<acc_t>& a, const Sums2<acc_t>& b) { return sums_merge(a, b); };
-  if (!kNHWC) {
-    for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
-      const acc_t m = mean[c], a = coef[c], be = coef[C + c];
-      int64_t lo, hi;
-      split_range(N * HW, splits, split, lo, hi);
-      Sums2<acc_t> s{acc_t(0), acc_t(0)};
-      int64_t j = lo + threadIdx.x;
-      int64_t n = j / HW, hw = j - n * HW;
-      for (; j < hi; j += kThreads) {
-        const int64_t off = (n * C + c) * HW + hw;
-        const acc_t zv = acc_t(z[off]);
-        const acc_t g = act_backward(acc_t(dy[off]), bn_pre(zv, m, a, be), act, slope);
-        s.s1 += g;
-        s.s2 += g * (zv - m);
-        hw += kThreads;
-        if (hw >= HW) {
-          const int64_t q = hw / HW;
-          n += q;
-          hw -= q * HW;
-        }
-      }
-      s = block_reduce(s, smem, 1, merge);
-      if (threadIdx.x == 0) part[c * splits + split] = s;
-    }
-  } else {
-    const int tx = threadIdx.x % kTileC, ty = threadIdx.x / kTileC;
-    const int64_t M = N * HW;
-    for (int64_t c0 = (int64_t)blockIdx.y * kTileC; c0 < C; c0 += (int64_t)gridDim.y * kTileC) {
-      const int64_t c = c0 + tx;
-      int64_t lo, hi;
-      split_range(M, splits, split, lo, hi);
-      Sums2<acc_t> s{acc_t(0), acc_t(0)};
-      if (c < C) {
-        const acc_t m = mean[c], a = coef[c], be = coef[C + c];
-        for (int64_t r = lo + ty; r < hi; r += kTileR) {
-          const acc_t zv = acc_t(z[r * C + c]);
-          const acc_t g = act_backward(acc_t(dy[r * C + c]), bn_pre(zv, m, a, be), act, slope);
-          s.s1 += g;
-          s.s2 += g * (zv - m);
-        }
-      }
-      s = block_reduce(s, smem, kTileC, merge);
-      if (ty == 0 && c < C) part[c * splits + split] = s;
-    }
-  }
+  auto for_channel = [=](int64_t c) {
+    const acc_t m = mean[c], a = coef[c], be = coef[C + c];
+    return [=](Sums2<acc_t>& s, int64_t off) {
+      const acc_t zv = acc_t(z[off]);
+      const acc_t g = act_backward(acc_t(dy[off]), bn_pre(zv, m, a, be), act, slope);
+      s.s1 += g;
+      s.s2 += g * (zv - m);
+    };
+  };
+  channel_partials<kNHWC>(N, C, HW, Sums2<acc_t>{acc_t(0), acc_t(0)}, for_channel, merge, smem, part);
 }
 
 template <typename acc_t>

@@ -42,6 +42,48 @@ inline at::Tensor grad_or_undefined(const c10::optional<at::Tensor>& g, const at
   return g->to(like.scalar_type()).contiguous();
 }
 
+// The cell op's inputs, checked and contiguous, and its fresh outputs (each device's kernel).
+struct CellArgs {
+  at::Tensor gates, c_prev;  // [B, 4H], [B, H]
+  int64_t B, H;
+  at::Tensor h, c, act;      // [B, H], [B, H], [B, 4H]
+};
+inline CellArgs cell_args(const at::Tensor& gates_in, const at::Tensor& c_prev_in) {
+  check_cell_inputs(gates_in, c_prev_in);
+  CellArgs a;
+  a.gates = gates_in.contiguous();
+  a.c_prev = c_prev_in.contiguous();
+  a.B = a.gates.size(0);
+  a.H = a.gates.size(1) / 4;
+  a.h = at::empty({a.B, a.H}, a.gates.options());
+  a.c = at::empty({a.B, a.H}, a.gates.options());
+  a.act = at::empty({a.B, 4 * a.H}, a.gates.options());
+  return a;
+}
+
+// The same for its backward: dh, dc in act's dtype, or undefined where no gradient came.
+struct CellBackwardArgs {
+  at::Tensor act, c_prev, c, dh, dc;  // [B, 4H], then [B, H] each
+  int64_t B, H;
+  at::Tensor da, dcp;  // [B, 4H], [B, H]
+};
+inline CellBackwardArgs cell_backward_args(const c10::optional<at::Tensor>& grad_h,
+                                           const c10::optional<at::Tensor>& grad_c, const at::Tensor& act_in,
+                                           const at::Tensor& c_prev_in, const at::Tensor& c_in) {
+  check_cell_backward_inputs(grad_h, grad_c, act_in, c_prev_in, c_in);
+  CellBackwardArgs a;
+  a.act = act_in.contiguous();
+  a.c_prev = c_prev_in.contiguous();
+  a.c = c_in.contiguous();
+  a.dh = grad_or_undefined(grad_h, a.act);
+  a.dc = grad_or_undefined(grad_c, a.act);
+  a.B = a.act.size(0);
+  a.H = a.act.size(1) / 4;
+  a.da = at::empty({a.B, 4 * a.H}, a.act.options());
+  a.dcp = at::empty({a.B, a.H}, a.act.options());
+  return a;
+}
+
 // ---- lstm_cell_step: one whole nn.LSTMCell step -------------------------------------------
 // Shapes, dtypes and one device for all (each device's kernel checks that it is its own).
 inline void check_cell_step(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,

@@ -38,18 +38,9 @@ inline void fwd_row_scalar(int64_t j0, int64_t j1, int64_t H, scalar_t* g, const
   for (int64_t j = j0; j < j1; ++j) {
     Gates<acc_t> a;
     acc_t cv, hv;
-    acc_t ai = g[j], af = g[H + j], ag = g[2 * H + j], ao = g[3 * H + j];
-    if (bias) {
-      ai += acc_t(bias[j]);
-      af += acc_t(bias[H + j]);
-      ag += acc_t(bias[2 * H + j]);
-      ao += acc_t(bias[3 * H + j]);
-    }
-    cell_forward<acc_t>(ai, af, ag, ao, cp[j], a, cv, hv);
-    g[j] = a.i;
-    g[H + j] = a.f;
-    g[2 * H + j] = a.g;
-    g[3 * H + j] = a.o;
+    const Gates<acc_t> in = load_preact<acc_t>(g, bias, j, H);
+    cell_forward<acc_t>(in.i, in.f, in.g, in.o, cp[j], a, cv, hv);
+    store_gates(a, g, j, H);
     c[j] = cv;
     h[j] = hv;
   }
@@ -60,15 +51,12 @@ inline void bwd_row_scalar(int64_t j0, int64_t j1, int64_t H, const scalar_t* dh
                            const scalar_t* act, const scalar_t* cp, const scalar_t* c, scalar_t* dg) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t j = j0; j < j1; ++j) {
-    Gates<acc_t> a{act[j], act[H + j], act[2 * H + j], act[3 * H + j]};
+    const Gates<acc_t> a = load_gates<acc_t>(act, j, H);
     Gates<acc_t> d;
     acc_t dcp;
     const acc_t dh = acc_t(dha[j]) + (dhb ? acc_t(dhb[j]) : acc_t(0));
     cell_backward<acc_t>(dh, acc_t(dc[j]), a, cp[j], c[j], d, dcp);
-    dg[j] = d.i;
-    dg[H + j] = d.f;
-    dg[2 * H + j] = d.g;
-    dg[3 * H + j] = d.o;
+    store_gates(d, dg, j, H);
     dc[j] = dcp;
   }
 }
@@ -82,28 +70,12 @@ using simd::VecMath;
 // cell (and the vector math) into each, so no vector ever crosses a call between code of
 // different targets. A row goes 16 lanes at a time (two independent 8-lane halves per op: the cell is one long
 // dependency chain, so two in flight run nearly twice as fast), then 8, then the scalar tail.
-// The four gates (i, f, g, o) of units j.. of one [4H] row, V lanes each.
-template <typename V>
-inline Gates<V> load_gates(const float* p, int64_t j, int64_t H) {
-  return {V::load(p + j), V::load(p + H + j), V::load(p + 2 * H + j), V::load(p + 3 * H + j)};
-}
-template <typename V>
-inline void store_gates(const Gates<V>& a, float* p, int64_t j, int64_t H) {
-  a.i.store(p + j);
-  a.f.store(p + H + j);
-  a.g.store(p + 2 * H + j);
-  a.o.store(p + 3 * H + j);
-}
-
+// Gate rows through lstm_math.h's load_gates/store_gates, V lanes each.
 template <typename V, typename M>
 inline void fwd_vec(float* g, const float* cp, float* c, float* h, const float* bias, int64_t j, int64_t H) {
   Gates<V> a;
   V cv, hv;
-  Gates<V> in = load_gates<V>(g, j, H);
-  if (bias) {
-    const Gates<V> b = load_gates<V>(bias, j, H);
-    in = {in.i + b.i, in.f + b.f, in.g + b.g, in.o + b.o};
-  }
+  const Gates<V> in = load_preact<V>(g, bias, j, H);
   cell_forward<V, M>(in.i, in.f, in.g, in.o, V::load(cp + j), a, cv, hv);
   store_gates(a, g, j, H);
   cv.store(c + j);

@@ -15,26 +15,30 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The units (b, j) of rows [0, n) of a step, k = b * H + j, in a grid-stride loop: f(k, b, j).
+// Consecutive threads take consecutive j, so a warp's loads of a gate block are coalesced.
+template <typename F>
+__device__ __forceinline__ void for_each_unit(int64_t n, int64_t H, F f) {
+  const int64_t total = n * H;
+  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = k / H;
+    f(k, b, k - b * H);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void cell_forward_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ c_prev,
                                     scalar_t* __restrict__ h, scalar_t* __restrict__ c,
                                     scalar_t* __restrict__ act, int64_t B, int64_t H) {
-  const int64_t n = B * H;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = k / H, j = k - b * H;
-    const scalar_t* ab = a + b * 4 * H;
+  for_each_unit(B, H, [&](int64_t k, int64_t b, int64_t j) {
+    const Gates<acc_t> in = load_gates<acc_t>(a + b * 4 * H, j, H);
     Gates<acc_t> g;
     acc_t cv, hv;
-    cell_forward<acc_t>(acc_t(ab[j]), acc_t(ab[H + j]), acc_t(ab[2 * H + j]), acc_t(ab[3 * H + j]),
-                        acc_t(c_prev[k]), g, cv, hv);
-    scalar_t* actb = act + b * 4 * H;
-    actb[j] = scalar_t(g.i);
-    actb[H + j] = scalar_t(g.f);
-    actb[2 * H + j] = scalar_t(g.g);
-    actb[3 * H + j] = scalar_t(g.o);
+    cell_forward<acc_t>(in.i, in.f, in.g, in.o, acc_t(c_prev[k]), g, cv, hv);
+    store_gates(g, act + b * 4 * H, j, H);
     c[k] = scalar_t(cv);
     h[k] = scalar_t(hv);
-  }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -42,22 +46,15 @@ __global__ void cell_backward_kernel(const scalar_t* __restrict__ dh, const scal
                                      const scalar_t* __restrict__ act, const scalar_t* __restrict__ c_prev,
                                      const scalar_t* __restrict__ c, scalar_t* __restrict__ da,
                                      scalar_t* __restrict__ dc_prev, int64_t B, int64_t H) {
-  const int64_t n = B * H;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = k / H, j = k - b * H;
-    const scalar_t* actb = act + b * 4 * H;
-    Gates<acc_t> g{acc_t(actb[j]), acc_t(actb[H + j]), acc_t(actb[2 * H + j]), acc_t(actb[3 * H + j])};
+  for_each_unit(B, H, [&](int64_t k, int64_t b, int64_t j) {
+    const Gates<acc_t> g = load_gates<acc_t>(act + b * 4 * H, j, H);
     Gates<acc_t> d;
     acc_t dcp;
     cell_backward<acc_t>(dh ? acc_t(dh[k]) : acc_t(0), dc ? acc_t(dc[k]) : acc_t(0), g, acc_t(c_prev[k]),
                          acc_t(c[k]), d, dcp);
-    scalar_t* dab = da + b * 4 * H;
-    dab[j] = scalar_t(d.i);
-    dab[H + j] = scalar_t(d.f);
-    dab[2 * H + j] = scalar_t(d.g);
-    dab[3 * H + j] = scalar_t(d.o);
+    store_gates(d, da + b * 4 * H, j, H);
     dc_prev[k] = scalar_t(dcp);
-  }
+  });
 }
 
 inline unsigned grid_for(int64_t n) {
@@ -67,51 +64,39 @@ inline unsigned grid_for(int64_t n) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cuda(const at::Tensor& gates_in,
                                                               const at::Tensor& c_prev_in) {
-  check_cell_inputs(gates_in, c_prev_in);
+  const CellArgs a = cell_args(gates_in, c_prev_in);
   const c10::cuda::CUDAGuard guard(gates_in.device());
-  const auto gates = gates_in.contiguous();
-  const auto c_prev = c_prev_in.contiguous();
-  const int64_t B = gates.size(0), H = gates.size(1) / 4;
-  auto h = at::empty({B, H}, gates.options());
-  auto c = at::empty({B, H}, gates.options());
-  auto act = at::empty({B, 4 * H}, gates.options());
-  if (B * H == 0) return {h, c, act};
+  const int64_t B = a.B, H = a.H;
+  if (B * H == 0) return {a.h, a.c, a.act};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gates.scalar_type(), "lstm_cell_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.gates.scalar_type(), "lstm_cell_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cell_forward_kernel<scalar_t, acc_t><<<grid_for(B * H), kThreads, 0, stream>>>(
-        gates.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-        c.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(), B, H);
+        a.gates.data_ptr<scalar_t>(), a.c_prev.data_ptr<scalar_t>(), a.h.data_ptr<scalar_t>(),
+        a.c.data_ptr<scalar_t>(), a.act.data_ptr<scalar_t>(), B, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {h, c, act};
+  return {a.h, a.c, a.act};
 }
 
 std::tuple<at::Tensor, at::Tensor> lstm_cell_backward_cuda(const c10::optional<at::Tensor>& grad_h,
                                                            const c10::optional<at::Tensor>& grad_c,
                                                            const at::Tensor& act_in, const at::Tensor& c_prev_in,
                                                            const at::Tensor& c_in) {
-  check_cell_backward_inputs(grad_h, grad_c, act_in, c_prev_in, c_in);
+  const CellBackwardArgs a = cell_backward_args(grad_h, grad_c, act_in, c_prev_in, c_in);
   const c10::cuda::CUDAGuard guard(act_in.device());
-  const auto act = act_in.contiguous();
-  const auto c_prev = c_prev_in.contiguous();
-  const auto c = c_in.contiguous();
-  const auto dh = grad_or_undefined(grad_h, act);
-  const auto dc = grad_or_undefined(grad_c, act);
-  const int64_t B = act.size(0), H = act.size(1) / 4;
-  auto da = at::empty({B, 4 * H}, act.options());
-  auto dcp = at::empty({B, H}, act.options());
-  if (B * H == 0) return {da, dcp};
+  const int64_t B = a.B, H = a.H;
+  if (B * H == 0) return {a.da, a.dcp};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, act.scalar_type(), "lstm_cell_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.act.scalar_type(), "lstm_cell_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cell_backward_kernel<scalar_t, acc_t><<<grid_for(B * H), kThreads, 0, stream>>>(
-        dh.defined() ? dh.data_ptr<scalar_t>() : nullptr, dc.defined() ? dc.data_ptr<scalar_t>() : nullptr,
-        act.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), da.data_ptr<scalar_t>(),
-        dcp.data_ptr<scalar_t>(), B, H);
+        a.dh.defined() ? a.dh.data_ptr<scalar_t>() : nullptr, a.dc.defined() ? a.dc.data_ptr<scalar_t>() : nullptr,
+        a.act.data_ptr<scalar_t>(), a.c_prev.data_ptr<scalar_t>(), a.c.data_ptr<scalar_t>(),
+        a.da.data_ptr<scalar_t>(), a.dcp.data_ptr<scalar_t>(), B, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {da, dcp};
+  return {a.da, a.dcp};
 }
 
 
@@ -123,28 +108,17 @@ __global__ void layer_forward_kernel(scalar_t* __restrict__ gates, const scalar_
                                      int64_t n_a, const scalar_t* __restrict__ c0, scalar_t* __restrict__ c_out,
                                      scalar_t* __restrict__ h_out, int64_t n, int64_t H,
                                      const scalar_t* __restrict__ bias) {
-  const int64_t total = n * H;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = k / H, j = k - b * H;
+  for_each_unit(n, H, [&](int64_t k, int64_t b, int64_t j) {
     scalar_t* g = gates + b * 4 * H;
     const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
     Gates<acc_t> a;
     acc_t cv, hv;
-    acc_t ai = acc_t(g[j]), af = acc_t(g[H + j]), ag = acc_t(g[2 * H + j]), ao = acc_t(g[3 * H + j]);
-    if (bias) {
-      ai += acc_t(bias[j]);
-      af += acc_t(bias[H + j]);
-      ag += acc_t(bias[2 * H + j]);
-      ao += acc_t(bias[3 * H + j]);
-    }
-    cell_forward<acc_t>(ai, af, ag, ao, cp, a, cv, hv);
-    g[j] = scalar_t(a.i);
-    g[H + j] = scalar_t(a.f);
-    g[2 * H + j] = scalar_t(a.g);
-    g[3 * H + j] = scalar_t(a.o);
+    const Gates<acc_t> in = load_preact<acc_t>(g, bias, j, H);
+    cell_forward<acc_t>(in.i, in.f, in.g, in.o, cp, a, cv, hv);
+    store_gates(a, g, j, H);
     c_out[k] = scalar_t(cv);
     h_out[k] = scalar_t(hv);
-  }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -153,23 +127,16 @@ __global__ void layer_backward_kernel(const scalar_t* __restrict__ dh_a, const s
                                       const scalar_t* __restrict__ cprev_a, int64_t n_a,
                                       const scalar_t* __restrict__ c0, const scalar_t* __restrict__ c,
                                       scalar_t* __restrict__ dgates, int64_t n, int64_t H) {
-  const int64_t total = n * H;
-  for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total; k += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = k / H, j = k - b * H;
-    const scalar_t* ab = act + b * 4 * H;
-    Gates<acc_t> a{acc_t(ab[j]), acc_t(ab[H + j]), acc_t(ab[2 * H + j]), acc_t(ab[3 * H + j])};
+  for_each_unit(n, H, [&](int64_t k, int64_t b, int64_t j) {
+    const Gates<acc_t> a = load_gates<acc_t>(act + b * 4 * H, j, H);
     const acc_t cp = acc_t(b < n_a ? cprev_a[k] : c0[k]);
     const acc_t dh = acc_t(dh_a[k]) + (dh_b ? acc_t(dh_b[k]) : acc_t(0));
     Gates<acc_t> d;
     acc_t dcp;
     cell_backward<acc_t>(dh, acc_t(dc[k]), a, cp, acc_t(c[k]), d, dcp);
-    scalar_t* db = dgates + b * 4 * H;
-    db[j] = scalar_t(d.i);
-    db[H + j] = scalar_t(d.f);
-    db[2 * H + j] = scalar_t(d.g);
-    db[3 * H + j] = scalar_t(d.o);
+    store_gates(d, dgates + b * 4 * H, j, H);
     dc[k] = scalar_t(dcp);
-  }
+  });
 }
 
 void layer_fwd_pointwise_cuda(at::ScalarType st, const FwdStep& s) {

@@ -13,7 +13,11 @@
 // supplies sigmoid and tanh. Scalars (float, double; host or device) use ScalarMath, which
 // calls common/host_device.h. The CPU layer loop also instantiates them on an 8-wide SIMD float
 // type with its own vector sigmoid/tanh (lstm_simd.h): the cell algebra stays this one definition.
+// So does the layout of a gate row: [4H], block q (i, f, g, o) at q*H (load_gates, store_gates).
 #pragma once
+#include <cstdint>
+#include <type_traits>
+
 #include "common/host_device.h"
 
 namespace fastbig {
@@ -23,6 +27,43 @@ template <typename T>
 struct Gates {
   T i, f, g, o;
 };
+
+// One value of type T at p, and its store: a scalar T converts one element (p may hold Half,
+// BFloat16, float or double); a SIMD T (lstm_simd.h: V8, V16) loads/stores lanes of floats.
+template <typename T, typename S>
+FB_HD T load_as(const S* p) {
+  if constexpr (std::is_floating_point_v<T>) return T(*p);
+  else return T::load(p);
+}
+template <typename T, typename S>
+FB_HD void store_as(S* p, const T& v) {
+  if constexpr (std::is_floating_point_v<T>) *p = S(v);
+  else v.store(p);
+}
+
+// The four gates (i, f, g, o) of unit j (lanes j.. for a SIMD T) of one [4H] gate row p.
+template <typename T, typename S>
+FB_HD Gates<T> load_gates(const S* p, int64_t j, int64_t H) {
+  return {load_as<T>(p + j), load_as<T>(p + H + j), load_as<T>(p + 2 * H + j), load_as<T>(p + 3 * H + j)};
+}
+template <typename T, typename S>
+FB_HD void store_gates(const Gates<T>& a, S* p, int64_t j, int64_t H) {
+  store_as(p + j, a.i);
+  store_as(p + H + j, a.f);
+  store_as(p + 2 * H + j, a.g);
+  store_as(p + 3 * H + j, a.o);
+}
+
+// The pre-activations of unit j: gate row g plus, when there is one, the bias row [4H].
+template <typename T, typename S>
+FB_HD Gates<T> load_preact(const S* g, const S* bias, int64_t j, int64_t H) {
+  Gates<T> a = load_gates<T>(g, j, H);
+  if (bias) {
+    const Gates<T> b = load_gates<T>(bias, j, H);
+    a = {a.i + b.i, a.f + b.f, a.g + b.g, a.o + b.o};
+  }
+  return a;
+}
 
 template <typename T>
 struct ScalarMath {
