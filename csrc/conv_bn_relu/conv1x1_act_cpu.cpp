@@ -35,7 +35,7 @@ constexpr int64_t kBlockBytes = 256 * 1024;
 
 // Columns per block for `cols` columns per image and N images: about the L2 budget, but at
 // least 256 (a GEMM with fewer output columns runs well below MKL's peak: with Cin = Cout = 256
-// the budget alone gave 64, and 14x14 images ran 1.27x slower than torch's one GEMM per image),
+// the budget alone gave 64, and 14x14 images ran slower than torch's one GEMM per image),
 // evened out over the image, and split further (down to 64) when there would be fewer blocks
 // than threads.
 template <typename scalar_t>
