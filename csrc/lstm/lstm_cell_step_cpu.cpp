@@ -21,8 +21,9 @@ namespace {
 // cell, and in backward the cell gradient, dx = dG W_ih, dh = dG W_hh, dW_ih = dG^T x,
 // dW_hh = dG^T h, db = sum dG. With B = 64, H = 256 each GEMM is ~34 MFLOP: too small for a
 // multi-threaded GEMM to split well (two threads on one such call gain far less than 2x; the
-// bench's LSTMCell-loop cases measure the result). So float32 with BLAS runs one OpenMP team per call in which
-// every thread does its own GEMMs single-threaded, and the pointwise work of the units it owns:
+// bench's LSTMCell-loop cases measure the result). So float32 with BLAS runs one OpenMP team per
+// call in which every thread does its own GEMMs single-threaded, and the pointwise work of the
+// units it owns:
 //   forward:  thread t owns hidden units [j0, j1): the gate columns q*H + [j0, j1) of
 //             x W_ih^T + h W_hh^T (8 GEMM calls), then the cell on those units, no barrier;
 //   backward: the cell gradient of its units -> dG columns and dc_prev, its rows of dW_ih,
