@@ -282,7 +282,10 @@ def _is_plain_sequential(m) -> bool:
 
 
 def _contains_conv(m: nn.Module) -> bool:
-    return any(type(x) in (nn.Conv2d, nn.ConvTranspose2d) for x in m.modules())
+    """m holds a conv AND a BatchNorm2d (every chain has both): only then is it worth tracing."""
+    mods = list(m.modules())
+    return any(type(x) in (nn.Conv2d, nn.ConvTranspose2d) for x in mods) and \
+        any(type(x) is nn.BatchNorm2d for x in mods)
 
 
 class _Tracer(torch.fx.Tracer):

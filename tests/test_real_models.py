@@ -1,0 +1,279 @@
+"""fastbig.accelerate on real architectures that tests/test_transformers.py and
+tests/test_accelerate.py do not name: tiny random configs (no download), the stock model as the
+twin. The rule: a drop-in never changes a model's answer, and what fastbig hands back to the
+stock path it says (the report, one warning).
+
+- Hugging Face (a sweep of ~60 architectures found these clean; the cheap ones that cover the
+  attention variants stay here): logits, every parameter's gradient (train mode, dropout 0) and
+  greedy generation with a KV cache on a left-padded batch, float32 on fastbig's own CPU kernel
+  (forced: at these sizes ``auto`` picks SDPA, which would test nothing of fastbig's), and
+  float64 on fastbig's reference.
+- torch.nn: nn.TransformerEncoderLayer's inference fast path never calls the swapped
+  self_attn (issue: the report said "swapped" and nothing ran); nn.MultiheadAttention with
+  need_weights=True (torch's default, SigLIP's pooling head) runs torch's implementation (was
+  silent); torchvision's VisionTransformer.
+- conv_bn_relu: a model with convolutions but no BatchNorm2d (every ViT/CLIP patch embedding)
+  has nothing to fuse and is not traced (it warned "does not trace with torch.fx" and listed
+  skipped entries).
+"""
+import contextlib
+import copy
+import importlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastbig
+from conftest import rel_err
+from fastbig.accelerate import AccelerateWarning
+from fastbig.backends import FastbigFallbackWarning
+
+ops_att = importlib.import_module("fastbig.ops.attention")
+
+TOL32 = 1e-5       # float32 logits (tests/conftest.py)
+GRAD32 = 1e-4      # float32 gradients through two layers (as tests/test_transformers.py)
+TOL64 = 1e-12      # float64: fastbig's reference against the stock path
+V = 64
+
+
+@contextlib.contextmanager
+def _spy():
+    """Count fastbig.ops attention calls (fastbig.nn and the transformers integration call them
+    through the module attribute)."""
+    calls = {"attention": 0, "attention_varlen": 0}
+    real = {k: getattr(ops_att, k) for k in calls}
+    import fastbig.nn.attention as fna
+    real_nn = fna._attention
+
+    def wrap(name, f):
+        def g(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+        return g
+    for k in calls:
+        setattr(ops_att, k, wrap(k, real[k]))
+    fna._attention = wrap("attention", real_nn)
+    try:
+        yield calls
+    finally:
+        for k, f in real.items():
+            setattr(ops_att, k, f)
+        fna._attention = real_nn
+
+
+def _grad_errors(model, ref):
+    """Worst relative gradient error over every parameter (a parameter whose gradient is zero in
+    exact arithmetic is measured against the total gradient norm)."""
+    rp = dict(ref.named_parameters())
+    total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in rp.values()
+                           if p.grad is not None)).item()
+    worst = 0.0
+    for name, p in model.named_parameters():
+        r = rp[name].grad
+        if r is None:
+            assert p.grad is None or p.grad.abs().max() == 0, f"{name} has a gradient, stock has none"
+            continue
+        assert p.grad is not None, f"no gradient for {name}"
+        if r.double().norm().item() < 1e-6 * total:
+            e = (p.grad.double() - r.double()).norm().item() / total
+        else:
+            e = rel_err(p.grad, r)
+        assert e == e, f"NaN in the gradient of {name}"
+        worst = max(worst, e)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face architectures
+# ---------------------------------------------------------------------------------------------
+def _no_dropout(cfg):
+    for k, v in list(vars(cfg).items()):
+        if isinstance(v, float) and ("dropout" in k or "pdrop" in k or k == "layerdrop"):
+            setattr(cfg, k, 0.0)
+        elif hasattr(v, "to_dict") and hasattr(v, "_attn_implementation"):
+            _no_dropout(v)
+    return cfg
+
+
+_DEC = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            max_position_embeddings=64)
+_S2S = dict(vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+            max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1, forced_eos_token_id=None)
+_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _hf(cfg_name, model_name, **kw):
+    def make():
+        T = pytest.importorskip("transformers")
+        cfg = _no_dropout(getattr(T, cfg_name)(**kw))
+        return getattr(T, model_name)(cfg)
+    return make
+
+
+def _clip_like(prefix):
+    def make():
+        T = pytest.importorskip("transformers")
+        text = dict(_TOWER, vocab_size=V, max_position_embeddings=16, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2)
+        vision = dict(_TOWER, image_size=32, patch_size=8)
+        cfg = _no_dropout(getattr(T, prefix + "Config")(text_config=text, vision_config=vision))
+        return getattr(T, prefix + "Model")(cfg)
+    return make
+
+
+# name -> (kind, make): what each adds to test_transformers.py's Llama/Mistral/Qwen2/Gemma-2/
+# GPT-OSS/GPT-2/BERT/T5/BART
+HF = {
+    # RoBERTa position ids from the padding; DistilBERT's own attention module
+    "roberta": ("encoder", _hf("RobertaConfig", "RobertaModel", **dict(_TOWER, vocab_size=V,
+                                                                       max_position_embeddings=40))),
+    "distilbert": ("encoder", _hf("DistilBertConfig", "DistilBertModel", vocab_size=V, dim=32,
+                                  hidden_dim=37, n_layers=2, n_heads=4)),
+    # ModernBERT: local (sliding, bidirectional) and global layers
+    "modernbert": ("encoder", _hf("ModernBertConfig", "ModernBertModel",
+                                  **dict(_TOWER, num_hidden_layers=3, vocab_size=V, pad_token_id=0,
+                                         global_attn_every_n_layers=2, local_attention=4,
+                                         cls_token_id=1, sep_token_id=2, bos_token_id=1,
+                                         eos_token_id=2))),
+    # GPT-NeoX: partial rotary; Phi-3: fused qkv; Qwen3: q/k norm, head_dim != hidden/heads
+    "gpt_neox": ("causal", _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.5, **_DEC)),
+    "phi3": ("causal", _hf("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=2, **_DEC)),
+    "qwen3": ("causal", _hf("Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=8,
+                            **_DEC)),
+    # Mixtral: MoE + sliding window; Gemma-3: sliding and global layers, eager stock path
+    "mixtral": ("causal", _hf("MixtralConfig", "MixtralForCausalLM", num_key_value_heads=2,
+                              num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                              experts_implementation="eager", **_DEC)),
+    "gemma3": ("causal", _hf("Gemma3TextConfig", "Gemma3ForCausalLM", num_key_value_heads=2,
+                             head_dim=8, sliding_window=3, query_pre_attn_scalar=8,
+                             layer_types=["sliding_attention", "full_attention"],
+                             final_logit_softcapping=30.0, **_DEC)),
+    # OPT: its own attention module and learned positions with an offset
+    "opt": ("causal", _hf("OPTConfig", "OPTForCausalLM", ffn_dim=37, word_embed_proj_dim=32,
+                          **_DEC)),
+    # mBART: encoder-decoder, cross attention; Whisper: audio encoder-decoder
+    "mbart": ("seq2seq", _hf("MBartConfig", "MBartForConditionalGeneration", **_S2S)),
+    "whisper": ("whisper", _hf("WhisperConfig", "WhisperForConditionalGeneration",
+                               **dict(_S2S, num_mel_bins=8, max_source_positions=8,
+                                      max_target_positions=32, suppress_tokens=None,
+                                      begin_suppress_tokens=None))),
+    # CLIP: causal text tower with padding + vision tower; SigLIP: + nn.MultiheadAttention
+    # pooling head (called with need_weights=True: torch's implementation, one warning)
+    "clip": ("clip", _clip_like("CLIP")),
+    "siglip": ("clip", _clip_like("Siglip")),
+}
+
+
+def _ids(B, S, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, V, (B, S), generator=g)
+
+
+def _hf_inputs(kind, model):
+    """(inputs, rows-to-keep mask or None, generate inputs or None)"""
+    g = torch.Generator().manual_seed(2)
+    ids = _ids(2, 9)
+    am = torch.ones(2, 9, dtype=torch.long)
+    if kind in ("encoder", "causal"):
+        am[0, :3] = 0   # left padding
+        inputs = dict(input_ids=ids.masked_fill(am == 0, 0), attention_mask=am)
+        return inputs, am.bool(), (inputs if kind == "causal" else None)
+    am[0, 6:] = 0       # right padding
+    padded = dict(input_ids=ids.masked_fill(am == 0, 0), attention_mask=am)
+    if kind == "seq2seq":
+        return dict(padded, decoder_input_ids=_ids(2, 4, seed=3)), None, padded
+    if kind == "whisper":
+        feats = torch.randn(2, 8, 16, generator=g)
+        dec = torch.cat([torch.ones(2, 1, dtype=torch.long), _ids(2, 3, seed=3)], 1)
+        return dict(input_features=feats, decoder_input_ids=dec), None, dict(input_features=feats)
+    if "Siglip" in type(model).__name__:   # SigLIP's text tower takes no mask (max-length padding)
+        padded = dict(input_ids=padded["input_ids"])
+    return dict(padded, pixel_values=torch.randn(2, 3, 32, 32, generator=g)), None, None
+
+
+def _outputs(out):
+    names = ("logits", "last_hidden_state", "logits_per_image", "text_embeds", "image_embeds",
+             "encoder_last_hidden_state")
+    return [getattr(out, k) for k in names if isinstance(getattr(out, k, None), torch.Tensor)]
+
+
+def _fast_backend():
+    """fastbig's own CPU kernel where the extension is built, else auto (SDPA or the reference)."""
+    return "cpu" if fastbig.build_info()["loaded"] else "auto"
+
+
+def _hf_run(model, ref, inputs, keep, backend):
+    """Outputs (eval) and every parameter's gradient (train): worst relative errors."""
+    def first(outs):
+        return [o[keep] if keep is not None and o.shape[:2] == keep.shape else o for o in outs]
+    model.eval(), ref.eval()
+    with fastbig.backends.use(backend), _spy() as calls, torch.no_grad():
+        out = first(_outputs(model(**inputs)))
+    with torch.no_grad():
+        exp = first(_outputs(ref(**inputs)))
+    assert calls["attention"] + calls["attention_varlen"] > 0, "fastbig never ran"
+    fwd = max(rel_err(a, b) for a, b in zip(out, exp))
+    model.train(), ref.train()
+    with fastbig.backends.use(backend), _spy():
+        o = _outputs(model(**inputs))[0]
+    r = _outputs(ref(**inputs))[0]
+    g = torch.randn(r.shape, generator=torch.Generator().manual_seed(7), dtype=r.dtype)
+    if keep is not None and r.shape[:2] == keep.shape:
+        g = g * keep.reshape(*keep.shape, *([1] * (r.dim() - 2)))
+    (o * g).sum().backward()
+    (r * g).sum().backward()
+    model.eval(), ref.eval()
+    return fwd, _grad_errors(model, ref)
+
+
+def test_hf_vision_model_with_conv_patches_is_not_traced():
+    """ViT's patch embedding is a Conv2d with no BatchNorm2d: nothing to fuse. accelerate traced it
+    anyway, failed, warned "do not trace with torch.fx" and listed the model and its embeddings
+    as skipped conv_bn_relu entries."""
+    T = pytest.importorskip("transformers")
+    model = T.ViTModel(T.ViTConfig(**_TOWER, image_size=32, patch_size=8))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        report = fastbig.accelerate(model)
+    assert not [x for x in w if issubclass(x.category, AccelerateWarning)], [str(x.message) for x in w]
+    assert not report.skipped, report.table()
+    assert [e.kind for e in report.swapped] == ["attention", "attention"]
+
+
+class _ConvNoBn(nn.Module):
+    """Convolutions, no BatchNorm2d, and a forward torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+
+    def forward(self, x):
+        h = self.conv(x)
+        if h.sum() > 0:    # data-dependent control flow
+            h = -h
+        return self.block(h)
+
+
+def test_convolutions_without_batchnorm_are_left_alone_silently():
+    model = _ConvNoBn()
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        report = fastbig.accelerate(model)
+    assert not [x for x in w if issubclass(x.category, AccelerateWarning)]
+    assert report.swapped == [] and report.skipped == []
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(model(x), ref(x))
+    # with a BatchNorm2d somewhere the untraceable module is reported, as before
+    model.block.append(nn.BatchNorm2d(4))
+    with pytest.warns(AccelerateWarning, match="trace"):
+        report = fastbig.accelerate(model)
+    assert any("trace" in e.reason for e in report.skipped)
+
+
