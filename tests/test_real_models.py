@@ -277,3 +277,52 @@ def test_convolutions_without_batchnorm_are_left_alone_silently():
     assert any("trace" in e.reason for e in report.skipped)
 
 
+# ---------------------------------------------------------------------------------------------
+# torch.nn attention inside models
+# ---------------------------------------------------------------------------------------------
+def _encoder(batch_first, layers=2):
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_fast_path_is_reported(batch_first):
+    """nn.TransformerEncoderLayer (batch_first) in inference (eval, no grad) runs
+    torch._transformer_encoder_layer_fwd with its self_attn's weights and never calls self_attn:
+    the swapped fastbig MultiheadAttention never ran there, and the report said "swapped" with no
+    word of it. Now the report says so and accelerate warns once. The answers stay the stock ones:
+    in inference torch's kernel; in training (and with grad) fastbig's, against float64."""
+    torch.manual_seed(0)
+    model = _encoder(batch_first)
+    ref = copy.deepcopy(model).double()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        report = fastbig.accelerate(model)
+    ours = [x for x in w if issubclass(x.category, AccelerateWarning)]
+    rows = [e for e in report.swapped if e.kind == "attention"]
+    assert [e.path for e in rows] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert type(model.layers[0].self_attn) is fastbig.nn.MultiheadAttention
+    if batch_first:
+        assert len(ours) == 1 and "TransformerEncoderLayer" in str(ours[0].message), ours
+        assert all("torch._transformer_encoder_layer_fwd" in e.reason for e in rows), report.table()
+    else:  # no fast path without batch_first: fastbig runs, nothing to say
+        assert not ours and not any("fused layer kernel" in e.reason for e in rows)
+    B, S = 3, 7
+    x = torch.randn((B, S, 16) if batch_first else (S, B, 16), dtype=torch.float64)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, 4:] = True
+    for mode in ("eval", "train"):
+        model.train(mode == "train"), ref.train(mode == "train")
+        with torch.set_grad_enabled(mode == "train"), _spy() as calls:
+            out = model(x.float(), src_key_padding_mask=kpm)
+        exp = ref(x, src_key_padding_mask=kpm)
+        keep = ~kpm if batch_first else ~kpm.T
+        assert rel_err(out[keep], exp[keep]) <= TOL32, mode
+        ran = calls["attention"] > 0
+        assert ran == (mode == "train" or not batch_first), (mode, calls)
+    g = torch.randn(exp.shape, dtype=torch.float64) * keep[..., None]
+    out.backward(g.float())
+    exp.backward(g)
+    assert _grad_errors(model, ref) <= GRAD32
+
+
