@@ -326,3 +326,40 @@ def test_transformer_encoder_fast_path_is_reported(batch_first):
     assert _grad_errors(model, ref) <= GRAD32
 
 
+class _PoolingHead(nn.Module):
+    """SigLIP's multihead attention pooling: nn.MultiheadAttention called with need_weights left at
+    torch's default (True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, 16))
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(self.probe.expand(x.shape[0], -1, -1), x, x)[0]
+
+
+def test_multihead_attention_need_weights_default_hands_back_with_one_warning():
+    """need_weights=True returns torch's weights, which only torch's implementation computes: the
+    call runs torch's nn.MultiheadAttention (exactly the stock answer). It did so silently; now
+    with one FastbigFallbackWarning (once, not per call)."""
+    torch.manual_seed(0)
+    model = _PoolingHead()
+    ref = copy.deepcopy(model)
+    fastbig.accelerate(model)
+    assert type(model.attention) is fastbig.nn.MultiheadAttention
+    x = torch.randn(2, 5, 16)
+    fastbig.backends._reset_warnings()
+    with pytest.warns(FastbigFallbackWarning, match="need_weights=True"), _spy() as calls:
+        out = model(x)
+    assert calls["attention"] == 0 and torch.equal(out, ref(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastbigFallbackWarning)
+        assert torch.equal(model(x), ref(x))    # once, not per call
+        # need_weights=False: fastbig's kernel, silently
+        with _spy() as calls:
+            a = model.attention(x, x, x, need_weights=False)[0]
+        assert calls["attention"] == 1
+        assert rel_err(a, ref.attention(x, x, x, need_weights=False)[0]) <= TOL32
+
+
