@@ -231,6 +231,51 @@ def _hf_run(model, ref, inputs, keep, backend):
     return fwd, _grad_errors(model, ref)
 
 
+@pytest.mark.parametrize("name", list(HF))
+def test_hf_architecture(name):
+    pytest.importorskip("transformers")
+    kind, make = HF[name]
+    torch.manual_seed(0)
+    base = make().float().eval()
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        report = fastbig.accelerate(model)
+    assert any(e.kind == "attention" for e in report.swapped), report.table()
+    assert not report.skipped, report.table()
+    assert not [x for x in w if issubclass(x.category, AccelerateWarning)], [str(x.message) for x in w]
+    inputs, keep, gen = _hf_inputs(kind, base)
+    fit = importlib.import_module("fastbig.integrations.transformers")
+
+    # float32, fastbig's own kernel; no transformers call may be handed back
+    fit._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fit.FastbigHandBackWarning)
+        warnings.simplefilter("ignore", FastbigFallbackWarning)  # SigLIP's head: see the test below
+        fwd, grad = _hf_run(model, ref, inputs, keep, _fast_backend())
+        assert fwd <= TOL32, f"{name}: float32 outputs, relative error {fwd:.2e}"
+        assert grad <= GRAD32, f"{name}: float32 gradients, relative error {grad:.2e}"
+        if gen is not None:
+            kw = dict(max_new_tokens=4, do_sample=False, output_scores=True,
+                      return_dict_in_generate=True, pad_token_id=0)
+            with torch.no_grad(), fastbig.backends.use(_fast_backend()), _spy() as calls:
+                g1 = model.generate(**gen, **kw)
+            with torch.no_grad():
+                g0 = ref.generate(**gen, **kw)
+            assert calls["attention"] > 0
+            assert torch.equal(g1.sequences, g0.sequences), f"{name}: generated tokens differ"
+            e = max(rel_err(a, b) for a, b in zip(g1.scores, g0.scores))
+            assert e <= TOL32, f"{name}: generation scores, relative error {e:.2e}"
+
+        # float64, fastbig's reference (its mask decoding and math) against the stock float64 path
+        model.double(), ref.double()
+        inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+        model.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+        fwd, grad = _hf_run(model, ref, inputs, keep, "reference")
+    assert fwd <= TOL64, f"{name}: float64 outputs, relative error {fwd:.2e}"
+    assert grad <= TOL64 * 100, f"{name}: float64 gradients, relative error {grad:.2e}"
+
+
 def test_hf_vision_model_with_conv_patches_is_not_traced():
     """ViT's patch embedding is a Conv2d with no BatchNorm2d: nothing to fuse. accelerate traced it
     anyway, failed, warned "do not trace with torch.fx" and listed the model and its embeddings
@@ -326,6 +371,31 @@ def test_transformer_encoder_fast_path_is_reported(batch_first):
     assert _grad_errors(model, ref) <= GRAD32
 
 
+def test_transformer_seq2seq_matches_stock():
+    """nn.Transformer (encoder, decoder self- and cross-attention with masks), seq-first."""
+    torch.manual_seed(0)
+    model = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0)
+    ref = copy.deepcopy(model).double()
+    report = fastbig.accelerate(model)
+    assert len([e for e in report.swapped if e.kind == "attention"]) == 3
+    src, tgt = torch.randn(7, 3, 16, dtype=torch.float64), torch.randn(5, 3, 16, dtype=torch.float64)
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    kw = dict(tgt_mask=mask, src_key_padding_mask=kpm, memory_key_padding_mask=kpm, tgt_is_causal=True)
+    model.train(), ref.train()
+    with _spy() as calls:
+        out = model(src.float(), tgt.float(), **kw)
+    exp = ref(src, tgt, **{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                           for k, v in kw.items()})
+    assert calls["attention"] == 3
+    assert rel_err(out, exp) <= TOL32
+    g = torch.randn(exp.shape, dtype=torch.float64)
+    out.backward(g.float())
+    exp.backward(g)
+    assert _grad_errors(model, ref) <= GRAD32
+
+
 class _PoolingHead(nn.Module):
     """SigLIP's multihead attention pooling: nn.MultiheadAttention called with need_weights left at
     torch's default (True)."""
@@ -363,3 +433,77 @@ def test_multihead_attention_need_weights_default_hands_back_with_one_warning():
         assert rel_err(a, ref.attention(x, x, x, need_weights=False)[0]) <= TOL32
 
 
+def test_torchvision_vision_transformer():
+    """torchvision's ViT: nn.MultiheadAttention (batch_first, need_weights=False) in each encoder
+    block; eval and train, outputs and every gradient against the float64 stock model."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                        hidden_dim=32, mlp_dim=64, num_classes=5)
+    ref = copy.deepcopy(model).double()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        report = fastbig.accelerate(model)
+    assert not [x for x in w if issubclass(x.category, AccelerateWarning)]
+    assert [e.path for e in report.swapped] == [f"encoder.layers.encoder_layer_{i}.self_attention"
+                                                for i in range(2)] and not report.skipped
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for mode in (False, True):
+        model.train(mode), ref.train(mode)
+        with _spy() as calls:
+            out = model(x.float())
+        exp = ref(x)
+        assert calls["attention"] == 2
+        assert rel_err(out, exp) <= TOL32
+    g = torch.randn(exp.shape, dtype=torch.float64)
+    out.backward(g.float())
+    exp.backward(g)
+    assert _grad_errors(model, ref) <= GRAD32
+
+
+# name -> (constructor kwargs, swapped kinds with counts, skipped entries): from the sweep
+TV_CNN = {
+    "densenet121": (dict(), {"conv_bn_relu": 59}, 0),          # BN -> ReLU -> conv: conv -> BN -> ReLU
+    "mnasnet0_5": (dict(), {"conv_bn_relu": 35, "conv_bn": 17}, 0),
+    "shufflenet_v2_x0_5": (dict(), {"conv_bn_relu": 37, "conv_bn": 19}, 0),
+    "googlenet": (dict(aux_logits=False, init_weights=True), {"conv_bn": 57}, 0),  # F.relu: not a module
+    "mobilenet_v3_small": (dict(), {"conv_bn_relu": 5, "conv_bn": 11}, 18),      # Hardswish: skipped
+}
+
+
+@pytest.mark.parametrize("name", list(TV_CNN))
+def test_torchvision_cnn_eval(name):
+    """torchvision CNNs: what is fused and what is skipped (with the activation named), and the
+    eval outputs (float32) against the stock model in float64. (Train mode is covered by resnet18 in
+    tests/test_accelerate.py: at 32 px these networks end in 1x1 maps where batch statistics over
+    2 samples are so ill-conditioned that a 1e-14 change of the input moves the stock model's own
+    gradients by 1e-4 to 1e-1.)"""
+    tv = pytest.importorskip("torchvision")
+    kw, kinds, n_skipped = TV_CNN[name]
+    torch.manual_seed(0)
+    model = getattr(tv.models, name)(num_classes=5, **kw)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    ref = copy.deepcopy(model).double().eval()
+    keys = list(model.state_dict().keys())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        report = fastbig.accelerate(model)
+    assert not [x for x in w if issubclass(x.category, AccelerateWarning)]
+    got = {}
+    for e in report.swapped:
+        got[e.kind] = got.get(e.kind, 0) + 1
+    assert got == kinds, report.table()
+    assert len(report.skipped) == n_skipped, report.table()
+    assert all("is not supported (ReLU, LeakyReLU)" in e.reason for e in report.skipped)
+    assert list(model.state_dict().keys()) == keys
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(model(x.float()), ref(x)) <= TOL32
