@@ -162,6 +162,14 @@ HF = {
                                **dict(_S2S, num_mel_bins=8, max_source_positions=8,
                                       max_target_positions=32, suppress_tokens=None,
                                       begin_suppress_tokens=None))),
+    # DeepSeek-V3: multi-head latent attention, value head dim (8) != q/k head dim (12); it was
+    # handed back to the stock path on every call ("fastbig needs one head dim")
+    "deepseek_v3": ("causal", _hf("DeepseekV3Config", "DeepseekV3ForCausalLM", num_key_value_heads=4,
+                                  q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+                                  qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=16,
+                                  first_k_dense_replace=1, n_group=1, topk_group=1,
+                                  experts_implementation="eager", **_DEC)),
     # CLIP: causal text tower with padding + vision tower; SigLIP: + nn.MultiheadAttention
     # pooling head (called with need_weights=True: torch's implementation, one warning)
     "clip": ("clip", _clip_like("CLIP")),
@@ -274,6 +282,56 @@ def test_hf_architecture(name):
         fwd, grad = _hf_run(model, ref, inputs, keep, "reference")
     assert fwd <= TOL64, f"{name}: float64 outputs, relative error {fwd:.2e}"
     assert grad <= TOL64 * 100, f"{name}: float64 gradients, relative error {grad:.2e}"
+
+
+@pytest.mark.parametrize("dv", [5, 12])
+@pytest.mark.parametrize("mask", ["causal", "dense", "padded"])
+def test_hf_value_head_dim_differs(dv, mask):
+    """q/k head dim 8, v head dim 5 or 12 (MLA): fastbig runs (no hand-back), outputs and q/k/v
+    gradients equal the stock sdpa path's, float64 on the reference and float32 on the kernel."""
+    T = pytest.importorskip("transformers")
+    fit = importlib.import_module("fastbig.integrations.transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import causal_mask_function
+    model = T.LlamaForCausalLM(T.LlamaConfig(**dict(_DEC, num_key_value_heads=2)))
+    fastbig.accelerate(model)
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    B, S = 2, 6
+    am = None
+    if mask == "dense":
+        am = torch.rand(B, 1, S, S, generator=g) > 0.3
+        am[..., 0] = True
+    elif mask == "padded":   # the structured mask transformers' model code builds, left padding
+        pad = torch.ones(B, S, dtype=torch.bool)
+        pad[0, :2] = False
+        am = fit.fastbig_mask(batch_size=B, q_length=S, kv_length=S, q_offset=0, kv_offset=0,
+                              mask_function=causal_mask_function, attention_mask=pad,
+                              config=model.config)
+        assert isinstance(am, fit.StructuredMask)
+    for dtype, backend in ((torch.float64, "reference"), (torch.float32, _fast_backend())):
+        q = torch.randn(B, 4, S, 8, generator=g, dtype=dtype).requires_grad_()
+        k = torch.randn(B, 2, S, 8, generator=g, dtype=dtype).requires_grad_()
+        v = torch.randn(B, 2, S, dv, generator=g, dtype=dtype).requires_grad_()
+        kw = dict(scaling=0.3, dropout=0.0)
+        fit._warned.clear()
+        with warnings.catch_warnings(), fastbig.backends.use(backend), _spy() as calls:
+            warnings.simplefilter("error", fit.FastbigHandBackWarning)
+            out, _ = fit.fastbig_attention(attn, q, k, v, am, **kw)
+        assert calls["attention"] == 1
+        dense = am.fastbig.dense() if isinstance(am, fit.StructuredMask) else am
+        exp, _ = sdpa_attention_forward(attn, q, k, v, dense, **kw)
+        assert out.shape == exp.shape == (B, S, 4, dv)
+        keep = slice(None) if mask != "padded" else (slice(1, None),)  # row 0's padded queries
+        tol = TOL64 if dtype == torch.float64 else TOL32
+        assert rel_err(out[keep], exp[keep]) <= tol
+        go = torch.randn(out.shape, generator=g, dtype=dtype)
+        if mask == "padded":
+            go[0] = 0
+        got = torch.autograd.grad(out, (q, k, v), go)
+        want = torch.autograd.grad(exp, (q, k, v), go)
+        for name, a, b in zip("qkv", got, want):
+            assert rel_err(a, b) <= tol * 10, name
 
 
 def test_hf_vision_model_with_conv_patches_is_not_traced():

@@ -62,7 +62,8 @@ NAME = "fastbig"
 IMPLEMENTED: Dict[str, str] = {
     "query": "q [B, Hq, Sq, D] (also taken by keyword)",
     "key": "k [B, Hkv, Sk, D] (also taken by keyword)",
-    "value": "v [B, Hkv, Sk, D] (also taken by keyword)",
+    "value": "v [B, Hkv, Sk, Dv] (also taken by keyword); Dv != D (DeepSeek's MLA): the narrower "
+             "side padded with zeros, exact",
     "attention_mask": "None, a StructuredMask (decoded to flags/window/padding/varlen), or a dense "
                       "bool / additive float 4-D mask",
     "dropout": "dropout_p (sdpa stock: whenever > 0, as SDPA; eager stock: only in training, "
@@ -573,12 +574,27 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise _HandBack(f"{name} is not a 4-D tensor")
     B, Hq, Sq, D = query.shape
-    if key.shape != value.shape or key.shape[0] != B or key.shape[3] != D or \
+    if key.shape[:3] != value.shape[:3] or key.shape[0] != B or key.shape[3] != D or \
             key.shape[1] == 0 or Hq % key.shape[1]:
         raise _HandBack(f"shapes q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)} "
-                        f"(fastbig needs one batch, one head dim, Hq % Hkv == 0)")
+                        f"(fastbig needs one batch, one q/k head dim, Hq % Hkv == 0)")
     if not (query.dtype == key.dtype == value.dtype):
         raise _HandBack("q, k and v have different dtypes")
+    Dv = value.shape[3]
+    if Dv != D and min(D, Dv) > 0:
+        # a value head dim of its own (DeepSeek-V2/V3's MLA: q/k 192, v 128): fastbig's kernels
+        # take one head dim, so the narrower side is padded with zeros, which is exact (zero
+        # columns of v give zero output columns, sliced off; zero columns of q and k add nothing
+        # to the scores, and the scale stays the one of the q/k head dim)
+        kwargs = dict(kwargs)
+        if kwargs.get("scaling") is None:
+            kwargs["scaling"] = 1.0 / math.sqrt(D)
+        if Dv < D:
+            value = torch.nn.functional.pad(value, (0, D - Dv))
+        else:
+            query = torch.nn.functional.pad(query, (0, Dv - D))
+            key = torch.nn.functional.pad(key, (0, Dv - D))
+        return _fastbig_call(stock, module, query, key, value, attention_mask, kwargs)[..., :Dv]
     Sk = key.shape[2]
 
     dropout = float(kwargs.get("dropout", 0.0) or 0.0)
