@@ -565,3 +565,70 @@ def test_torchvision_cnn_eval(name):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(model(x.float()), ref(x)) <= TOL32
+
+
+# ---------------------------------------------------------------------------------------------
+# LSTMs the way user models call them
+# ---------------------------------------------------------------------------------------------
+class _Tagger(nn.Module):
+    """Embedding -> pack_padded_sequence(enforce_sorted=False) -> flatten_parameters() ->
+    2-layer bidirectional LSTM with projections -> pad_packed_sequence -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 12)
+        self.lstm = nn.LSTM(12, 16, num_layers=2, bidirectional=True, batch_first=True, proj_size=8)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x, lens):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+        p = pack_padded_sequence(self.emb(x), lens, batch_first=True, enforce_sorted=False)
+        self.lstm.flatten_parameters()
+        o, (h, c) = self.lstm(p)
+        o, _ = pad_packed_sequence(o, batch_first=True, total_length=x.shape[1])
+        return self.out(o), h, c
+
+
+class _Decoder(nn.Module):
+    """LSTM encoder, LSTMCell decoder loop attending to the encoder states through
+    nn.MultiheadAttention with need_weights=False."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.LSTM(6, 10, batch_first=True)
+        self.cell = nn.LSTMCell(6, 10)
+        self.att = nn.MultiheadAttention(10, 2, batch_first=True)
+        self.out = nn.Linear(10, 6)
+
+    def forward(self, src, tgt):
+        mem, (h, c) = self.enc(src)
+        h, c = h[0], c[0]
+        outs = []
+        for t in range(tgt.shape[1]):
+            h, c = self.cell(tgt[:, t], (h, c))
+            a, _ = self.att(h[:, None], mem, mem, need_weights=False)
+            outs.append(self.out(a[:, 0]))
+        return (torch.stack(outs, 1),)
+
+
+@pytest.mark.parametrize("make", [_Tagger, _Decoder], ids=["packed-tagger", "lstmcell-decoder"])
+def test_lstm_user_models(make):
+    torch.manual_seed(0)
+    model = make()
+    ref = copy.deepcopy(model).double()
+    report = fastbig.accelerate(model)
+    assert not report.skipped and {e.kind for e in report.swapped} <= {"lstm", "attention"}
+    assert len(report.swapped) == (1 if make is _Tagger else 3), report.table()
+    if make is _Tagger:
+        args = (torch.randint(0, 30, (4, 9)), torch.tensor([9, 3, 7, 1]))
+    else:
+        args = (torch.randn(3, 7, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64))
+    model.train(), ref.train()
+    out = model(*[a.float() if a.is_floating_point() else a for a in args])
+    exp = ref(*args)
+    for a, b in zip(out, exp):
+        assert rel_err(a, b) <= TOL32
+    gs = [torch.randn(b.shape, dtype=torch.float64) for b in exp]
+    sum((a * g.float()).sum() for a, g in zip(out, gs)).backward()
+    sum((b * g).sum() for b, g in zip(exp, gs)).backward()
+    assert _grad_errors(model, ref) <= GRAD32
