@@ -632,3 +632,65 @@ def test_lstm_user_models(make):
     sum((a * g.float()).sum() for a, g in zip(out, gs)).backward()
     sum((b * g).sum() for b, g in zip(exp, gs)).backward()
     assert _grad_errors(model, ref) <= GRAD32
+
+
+# ---------------------------------------------------------------------------------------------
+# eager stock paths: the query rows that see no key
+# ---------------------------------------------------------------------------------------------
+def _gemma2():
+    T = pytest.importorskip("transformers")
+    return T.Gemma2ForCausalLM(T.Gemma2Config(**dict(_DEC, num_key_value_heads=2, head_dim=8,
+                                                     sliding_window=3, attn_logit_softcapping=2.0,
+                                                     query_pre_attn_scalar=8)))
+
+
+def _llama_eager():
+    T = pytest.importorskip("transformers")
+    m = T.LlamaForCausalLM(T.LlamaConfig(**dict(_DEC, num_key_value_heads=2)))
+    m.set_attn_implementation("eager")
+    return m
+
+
+def _bert_eager():
+    T = pytest.importorskip("transformers")
+    m = T.BertModel(T.BertConfig(**dict(_TOWER, vocab_size=V, max_position_embeddings=32,
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
+    m.set_attn_implementation("eager")
+    return m
+
+
+@pytest.mark.parametrize("make", [_gemma2, _llama_eager, _bert_eager],
+                         ids=["gemma2", "llama-eager", "bert-eager"])
+def test_eager_models_padded_positions(make):
+    """The eager path adds finfo.min to every score of a query row that may attend no key (the
+    pad positions of a left-padded decoder batch; a fully padded encoder row): its softmax is
+    uniform, its output the mean of v, and q/k still get that softmax's gradient. fastbig gave
+    those rows 0: Gemma-2's logits at the pad positions were 100% off (0.42 over the whole
+    output), and every gradient moved once the loss saw them. Now every position, and every
+    gradient under an upstream gradient on every position, is the stock one."""
+    torch.manual_seed(0)
+    ref = make().float().train()
+    model = copy.deepcopy(ref)
+    fastbig.accelerate(model)
+    ids = _ids(2, 9)
+    am = torch.ones(2, 9, dtype=torch.long)
+    if make is _bert_eager:
+        am[1] = 0          # a row of padding only
+        am[0, 6:] = 0
+    else:
+        am[0, :3] = 0      # left padding: query rows 0-2 of batch 0 see no key
+    inputs = dict(input_ids=ids.masked_fill(am == 0, 0), attention_mask=am)
+    # float32 on fastbig's kernel and on its reference (float64 has no stock twin here:
+    # transformers' own float64 eager path turns a left-padded batch's row into NaN)
+    for dtype, backend in ((torch.float32, _fast_backend()), (torch.float32, "reference")):
+        model.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+        with fastbig.backends.use(backend), _spy() as calls:
+            out = _outputs(model(**inputs))[0]
+        exp = _outputs(ref(**inputs))[0]
+        assert calls["attention"] > 0
+        assert torch.isfinite(out).all()
+        g = torch.randn(exp.shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+        assert rel_err(out, exp) <= TOL32, backend
+        (out * g).sum().backward()
+        (exp * g).sum().backward()
+        assert _grad_errors(model, ref) <= GRAD32, backend

@@ -661,11 +661,17 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
             return _packed(query, key, value, info, cu_kw, common, attention_varlen)
         if has_cu:
             raise _HandBack("cu_seq_lens_* without a packed mask (the stock path ignores them)")
+        empty = _empty_rows(info, Sq, Sk) if stock == "eager" and "sinks" not in feats else None
+        if empty is not None and dropout > 0:
+            raise _HandBack("query rows that see no key (padding) on an eager model with dropout")
         causal, window, bottom_right = _window_for(info.lo, info.hi, info.diag, Sq, Sk)
         kpm = None if info.padding is None else ~info.padding.to(query.device)
         extra = {"bottom_right": True} if bottom_right else {}
-        return attention(query, key, value, causal=causal, window=window, key_padding_mask=kpm,
-                         **extra, **common)
+        out = attention(query, key, value, causal=causal, window=window, key_padding_mask=kpm,
+                        **extra, **common)
+        if empty is not None:
+            out = _eager_empty_rows(out, query, key, value, empty, scale, feats.get("softcap"))
+        return out
 
     # a dense mask (a model's own, or one it changed)
     if has_cu:
@@ -687,6 +693,45 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
 def _is_causal(module, kwargs) -> bool:
     c = kwargs.get("is_causal", None)
     return bool(c if c is not None else getattr(module, "is_causal", True))
+
+
+def _empty_rows(info: "MaskInfo", Sq: int, Sk: int) -> Optional[torch.Tensor]:
+    """The query rows of the structured mask that may attend no key at all, bool [B|1, Sq], or
+    None when there are none: O(B*(Sq+Sk)), with prefix counts of the attendable keys."""
+    if info.padding is None and info.lo is None and info.hi is None:
+        return None
+    dev = info.padding.device if info.padding is not None else torch.device("cpu")
+    keys = info.padding.long() if info.padding is not None else \
+        torch.ones(1, Sk, dtype=torch.long, device=dev)
+    count = torch.nn.functional.pad(keys.cumsum(1), (1, 0))       # count[:, t]: keys in [0, t)
+    i = torch.arange(Sq, device=dev) + info.diag
+    first = (i + info.lo).clamp(0, Sk) if info.lo is not None else torch.zeros_like(i)
+    last = (i + info.hi).clamp(-1, Sk - 1) if info.hi is not None else torch.full_like(i, Sk - 1)
+    n = count[:, (last + 1).clamp(min=0)] - count[:, first]
+    empty = (n <= 0) | (last < first)
+    return empty if bool(empty.any()) else None
+
+
+def _eager_empty_rows(out, query, key, value, empty, scale, softcap):
+    """out with the rows that see no key replaced by what the eager path gives them. It adds
+    finfo.min to every score of such a row: all equal, the softmax is uniform over all keys (the
+    output is the mean of v), and autograd still carries that uniform softmax's gradient to the
+    scores, so q and k get one (fastbig's masked kernel gives these rows 0 and no gradient).
+    softmax(s - s.detach()) has those values and that gradient; computed for these rows only."""
+    B, Hq, Sq, D = query.shape
+    groups = Hq // key.shape[1]
+    b, i = torch.nonzero(empty.expand(B, Sq).to(query.device), as_tuple=True)
+    k = key.repeat_interleave(groups, 1)[b]                      # [n, Hq, Sk, D]
+    v = value.repeat_interleave(groups, 1)[b]
+    q = query[b, :, i]                                           # [n, Hq, D]
+    s = torch.einsum("nhd,nhkd->nhk", q, k) * (1.0 / math.sqrt(D) if scale is None else scale)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    p = torch.softmax(s - s.detach(), dim=-1, dtype=torch.float32).to(query.dtype)
+    rows = torch.einsum("nhk,nhkd->nhd", p, v)
+    out = out.clone()
+    out[b, :, i] = rows.to(out.dtype)
+    return out
 
 
 def _check_dense(mask, B, Hq, Sq, Sk):
