@@ -694,3 +694,39 @@ def test_eager_models_padded_positions(make):
         (out * g).sum().backward()
         (exp * g).sum().backward()
         assert _grad_errors(model, ref) <= GRAD32, backend
+
+
+def test_attention_additive_mask_row_at_the_floor_gets_the_math_gradient():
+    """fastbig.ops.attention with an additive mask whose row is finfo.min on every key (what an
+    eager model's mask gives a query that sees no key): the forward is the uniform softmax of the
+    math, but the CPU kernel's backward (and SDPA's) recomputes P = exp(s - lse) with log(Sk) lost
+    beside finfo.min, so that row's gradient came out Sk times too large (q, k, v relative errors
+    1.7, 1.4, 1.3 at Sk 5). With a gradient needed, auto now takes the reference (one warning) and
+    a forced fast backend refuses, naming why; without one the fast path still runs."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=dtype).requires_grad_()
+                   for n in (4, 5, 5))
+        mask = torch.zeros(1, 1, 4, 5, dtype=dtype)
+        mask[..., 0, :] = torch.finfo(dtype).min
+        go = torch.randn(1, 2, 4, 8, generator=g, dtype=dtype)
+        s = q @ k.transpose(-1, -2) / 8 ** 0.5 + mask
+        want = torch.autograd.grad(torch.softmax(s, -1) @ v, (q, k, v), go)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FastbigFallbackWarning)
+            out = ops_att.attention(q, k, v, attn_mask=mask)
+        got = torch.autograd.grad(out, (q, k, v), go)
+        tol = TOL32 if dtype == torch.float32 else TOL64
+        for name, a, b in zip("qkv", got, want):
+            assert rel_err(a, b) <= tol, (dtype, name)
+    if fastbig.build_info()["loaded"]:
+        q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+        mask = torch.zeros(1, 1, 4, 5)
+        mask[..., 0, :] = torch.finfo(torch.float32).min
+        with fastbig.backends.use("cpu"):
+            with pytest.raises(RuntimeError, match="log-sum-exp"):
+                ops_att.attention(q, k, v, attn_mask=mask)
+            with torch.no_grad():  # no gradient: the kernel's forward is the math's
+                out = ops_att.attention(q, k, v, attn_mask=mask)
+        exp = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5 + mask, -1) @ v
+        assert rel_err(out, exp) <= TOL32
