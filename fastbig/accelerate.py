@@ -282,7 +282,10 @@ def _is_plain_sequential(m) -> bool:
 
 
 def _contains_conv(m: nn.Module) -> bool:
-    return any(type(x) in (nn.Conv2d, nn.ConvTranspose2d) for x in m.modules())
+    """m holds a conv AND a BatchNorm2d (every chain has both): only then is it worth tracing."""
+    mods = list(m.modules())
+    return any(type(x) in (nn.Conv2d, nn.ConvTranspose2d) for x in mods) and \
+        any(type(x) is nn.BatchNorm2d for x in mods)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -412,6 +415,28 @@ def _swap_module(old: nn.Module, new_cls) -> nn.Module:
     return new
 
 
+def _encoder_fast_path(root: nn.Module, path: str, mha: nn.Module) -> Optional[str]:
+    """Why torch may never call the swapped ``mha`` in inference, or None.
+
+    nn.TransformerEncoderLayer's inference fast path (eval, no grad or no parameter needing one,
+    batch_first, ...) calls torch._transformer_encoder_layer_fwd with its self_attn's weights and
+    never calls self_attn itself: there the stock fused layer kernel keeps running, whatever
+    module sits at self_attn. These are the conditions torch checks once, at construction (the
+    ones that hold per call, eval and no grad, are left to the call)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if not isinstance(parent, nn.TransformerEncoderLayer) or name != "self_attn":
+        return None
+    if not (mha.batch_first and mha.in_proj_bias is not None and mha._qkv_same_embed_dim
+            and getattr(parent, "activation_relu_or_gelu", 0) and parent.norm1.eps == parent.norm2.eps
+            and mha.num_heads % 2 == 0):
+        return None
+    return (f"in inference (eval, no grad, no hooks) {parent_path or '(root)'}, an "
+            f"nn.TransformerEncoderLayer, runs torch's fused layer kernel "
+            f"(torch._transformer_encoder_layer_fwd) and never calls self_attn: those calls stay "
+            f"torch's; fastbig runs in training or with grad")
+
+
 def _hf_attention(model: nn.Module, report: AccelerateReport) -> bool:
     """Hugging Face models: route their attention through fastbig (fastbig.integrations.transformers).
     True if the model is one."""
@@ -480,6 +505,7 @@ def accelerate(model: nn.Module, ops: Sequence[str] = OPS, inplace: bool = True)
         for _, m in model.named_modules(remove_duplicate=False):
             counts[id(m)] = counts.get(id(m), 0) + 1
         targets = [(p, m) for p, m in model.named_modules() if type(m) in by_type]
+        bypassed = []
         for path, m in targets:
             name, kind = by_type[type(m)]
             if not path:
@@ -494,8 +520,19 @@ def accelerate(model: nn.Module, ops: Sequence[str] = OPS, inplace: bool = True)
             except Exception as e:
                 report.skipped.append(Entry(path, kind, f"{type(e).__name__}: {e}"))
                 continue
+            note = _encoder_fast_path(model, path, m) if kind == "attention" else None
             _set_submodule(model, path, new)
-            report.swapped.append(Entry(path, kind, f"nn.{name} -> fastbig.nn.{name} (parameters shared)"))
+            report.swapped.append(Entry(path, kind, f"nn.{name} -> fastbig.nn.{name} (parameters shared)"
+                                        + (f"; {note}" if note else "")))
+            if note:
+                bypassed.append(path)
+        if bypassed:
+            warnings.warn(f"fastbig.accelerate: {len(bypassed)} swapped MultiheadAttention(s) sit in "
+                          f"nn.TransformerEncoderLayer(s) ({', '.join(bypassed[:3])}"
+                          f"{', ...' if len(bypassed) > 3 else ''}) whose inference fast path (eval, "
+                          f"no grad) runs torch's fused layer kernel without calling them: there "
+                          f"torch's kernel keeps running (same answer); fastbig runs in training or "
+                          f"with grad", AccelerateWarning, stacklevel=2)
     if "attention" in ops:
         _hf_attention(model, report)
 

@@ -62,7 +62,8 @@ NAME = "fastbig"
 IMPLEMENTED: Dict[str, str] = {
     "query": "q [B, Hq, Sq, D] (also taken by keyword)",
     "key": "k [B, Hkv, Sk, D] (also taken by keyword)",
-    "value": "v [B, Hkv, Sk, D] (also taken by keyword)",
+    "value": "v [B, Hkv, Sk, Dv] (also taken by keyword); Dv != D (DeepSeek's MLA): the narrower "
+             "side padded with zeros, exact",
     "attention_mask": "None, a StructuredMask (decoded to flags/window/padding/varlen), or a dense "
                       "bool / additive float 4-D mask",
     "dropout": "dropout_p (sdpa stock: whenever > 0, as SDPA; eager stock: only in training, "
@@ -573,12 +574,27 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise _HandBack(f"{name} is not a 4-D tensor")
     B, Hq, Sq, D = query.shape
-    if key.shape != value.shape or key.shape[0] != B or key.shape[3] != D or \
+    if key.shape[:3] != value.shape[:3] or key.shape[0] != B or key.shape[3] != D or \
             key.shape[1] == 0 or Hq % key.shape[1]:
         raise _HandBack(f"shapes q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)} "
-                        f"(fastbig needs one batch, one head dim, Hq % Hkv == 0)")
+                        f"(fastbig needs one batch, one q/k head dim, Hq % Hkv == 0)")
     if not (query.dtype == key.dtype == value.dtype):
         raise _HandBack("q, k and v have different dtypes")
+    Dv = value.shape[3]
+    if Dv != D and min(D, Dv) > 0:
+        # a value head dim of its own (DeepSeek-V2/V3's MLA: q/k 192, v 128): fastbig's kernels
+        # take one head dim, so the narrower side is padded with zeros, which is exact (zero
+        # columns of v give zero output columns, sliced off; zero columns of q and k add nothing
+        # to the scores, and the scale stays the one of the q/k head dim)
+        kwargs = dict(kwargs)
+        if kwargs.get("scaling") is None:
+            kwargs["scaling"] = 1.0 / math.sqrt(D)
+        if Dv < D:
+            value = torch.nn.functional.pad(value, (0, D - Dv))
+        else:
+            query = torch.nn.functional.pad(query, (0, Dv - D))
+            key = torch.nn.functional.pad(key, (0, Dv - D))
+        return _fastbig_call(stock, module, query, key, value, attention_mask, kwargs)[..., :Dv]
     Sk = key.shape[2]
 
     dropout = float(kwargs.get("dropout", 0.0) or 0.0)
@@ -645,11 +661,17 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
             return _packed(query, key, value, info, cu_kw, common, attention_varlen)
         if has_cu:
             raise _HandBack("cu_seq_lens_* without a packed mask (the stock path ignores them)")
+        empty = _empty_rows(info, Sq, Sk) if stock == "eager" and "sinks" not in feats else None
+        if empty is not None and dropout > 0:
+            raise _HandBack("query rows that see no key (padding) on an eager model with dropout")
         causal, window, bottom_right = _window_for(info.lo, info.hi, info.diag, Sq, Sk)
         kpm = None if info.padding is None else ~info.padding.to(query.device)
         extra = {"bottom_right": True} if bottom_right else {}
-        return attention(query, key, value, causal=causal, window=window, key_padding_mask=kpm,
-                         **extra, **common)
+        out = attention(query, key, value, causal=causal, window=window, key_padding_mask=kpm,
+                        **extra, **common)
+        if empty is not None:
+            out = _eager_empty_rows(out, query, key, value, empty, scale, feats.get("softcap"))
+        return out
 
     # a dense mask (a model's own, or one it changed)
     if has_cu:
@@ -671,6 +693,45 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
 def _is_causal(module, kwargs) -> bool:
     c = kwargs.get("is_causal", None)
     return bool(c if c is not None else getattr(module, "is_causal", True))
+
+
+def _empty_rows(info: "MaskInfo", Sq: int, Sk: int) -> Optional[torch.Tensor]:
+    """The query rows of the structured mask that may attend no key at all, bool [B|1, Sq], or
+    None when there are none: O(B*(Sq+Sk)), with prefix counts of the attendable keys."""
+    if info.padding is None and info.lo is None and info.hi is None:
+        return None
+    dev = info.padding.device if info.padding is not None else torch.device("cpu")
+    keys = info.padding.long() if info.padding is not None else \
+        torch.ones(1, Sk, dtype=torch.long, device=dev)
+    count = torch.nn.functional.pad(keys.cumsum(1), (1, 0))       # count[:, t]: keys in [0, t)
+    i = torch.arange(Sq, device=dev) + info.diag
+    first = (i + info.lo).clamp(0, Sk) if info.lo is not None else torch.zeros_like(i)
+    last = (i + info.hi).clamp(-1, Sk - 1) if info.hi is not None else torch.full_like(i, Sk - 1)
+    n = count[:, (last + 1).clamp(min=0)] - count[:, first]
+    empty = (n <= 0) | (last < first)
+    return empty if bool(empty.any()) else None
+
+
+def _eager_empty_rows(out, query, key, value, empty, scale, softcap):
+    """out with the rows that see no key replaced by what the eager path gives them. It adds
+    finfo.min to every score of such a row: all equal, the softmax is uniform over all keys (the
+    output is the mean of v), and autograd still carries that uniform softmax's gradient to the
+    scores, so q and k get one (fastbig's masked kernel gives these rows 0 and no gradient).
+    softmax(s - s.detach()) has those values and that gradient; computed for these rows only."""
+    B, Hq, Sq, D = query.shape
+    groups = Hq // key.shape[1]
+    b, i = torch.nonzero(empty.expand(B, Sq).to(query.device), as_tuple=True)
+    k = key.repeat_interleave(groups, 1)[b]                      # [n, Hq, Sk, D]
+    v = value.repeat_interleave(groups, 1)[b]
+    q = query[b, :, i]                                           # [n, Hq, D]
+    s = torch.einsum("nhd,nhkd->nhk", q, k) * (1.0 / math.sqrt(D) if scale is None else scale)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    p = torch.softmax(s - s.detach(), dim=-1, dtype=torch.float32).to(query.dtype)
+    rows = torch.einsum("nhk,nhkd->nhd", p, v)
+    out = out.clone()
+    out[b, :, i] = rows.to(out.dtype)
+    return out
 
 
 def _check_dense(mask, B, Hq, Sq, Sk):

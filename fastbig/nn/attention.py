@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from ..errors import DtypeError
 from ..ops.attention import attention as _attention
 
+from .. import backends as _backends  # noqa: E402
+
 __all__ = ["MultiheadAttention", "SelfAttention", "MHA_FORWARD_ARGUMENTS"]
 
 
@@ -44,7 +46,7 @@ MHA_FORWARD_ARGUMENTS = {
     "value": "implemented: as query, with vdim",
     "key_padding_mask": "implemented: bool (True = padded) or additive float [B, S]",
     "need_weights": "False: fastbig's kernel; True (torch's default): handed back to torch's own "
-                    "implementation, which returns the weights",
+                    "implementation, which returns the weights (one FastbigFallbackWarning)",
     "attn_mask": "implemented: bool (True = masked out) or additive float, [L, S] or [B*H, L, S]",
     "average_attn_weights": "handed back with need_weights=True (weights only exist there)",
     "is_causal": "implemented: the hint replaces attn_mask by the causal flag (as torch), or keeps "
@@ -61,7 +63,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     attn_mask / key_padding_mask bool True = NOT allowed, or additive float; is_causal is a hint
     that attn_mask is the causal mask. The fused path never materialises the attention weights,
     so need_weights=True (torch's default) runs torch's own implementation, the reference, and
-    returns exactly torch's weights; pass need_weights=False for the fast path.
+    returns exactly torch's weights, with one FastbigFallbackWarning per process; pass
+    need_weights=False for the fast path.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
@@ -71,7 +74,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         _check_like_params("MultiheadAttention",
                            self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight,
                            query=query, key=key, value=value)
-        if need_weights:
+        if need_weights:  # handed back to torch's own implementation, with one warning
+            _backends.warn_fallback("nn.MultiheadAttention", "need_weights=True, torch's default: "
+                                    "the attention weights exist only in torch's implementation, "
+                                    "which ran; pass need_weights=False for fastbig's kernel")
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=True, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)

@@ -320,6 +320,18 @@ def _q_has_nan(q) -> bool:
     return bool(torch.isnan(q.sum(dtype=acc)))
 
 
+def _floored_rows(mask, Sk) -> bool:
+    """Whether a row of an additive mask is, on every key, so negative (finite) that adding
+    log(Sk) to it changes nothing: the softmax of that row is still uniform (the math and the
+    reference agree), but a backward that recomputes it as exp(s - lse) gets 1 instead of 1/Sk.
+    Skipped while torch.compile traces (a data-dependent branch)."""
+    if torch.compiler.is_compiling() or mask.numel() == 0:
+        return False
+    acc = torch.float64 if mask.dtype == torch.float64 else torch.float32
+    m = mask.detach().amax(dim=-1).to(acc)
+    return bool((torch.isfinite(m) & (m + math.log(max(Sk, 2)) == m)).any())
+
+
 def _reference(q, k, v, left, right, attn_mask, key_padding_mask, dropout_p, scale, return_lse,
                feats=None):
     keep = None
@@ -426,6 +438,14 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, key_padding
     if not ours and cpu_ok[0] and q.device.type == "cpu" and _q_has_nan(q):
         cpu_ok = (False, "q holds NaN, which the SDPA CPU kernel turns into finite numbers")
     backend = _backend(q, D, dropout_p, Sq, Sk, cpu_ok=(True, "") if ours else cpu_ok, feats=feats)
+    if backend != "reference" and attn_mask is not None and attn_mask.is_floating_point() and \
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                            (q, k, v, attn_mask, feats.sinks)) and \
+            _floored_rows(attn_mask, Sk):
+        backend = backends.resolve(_OP, q.device, fast={backend: (False, (
+            "an additive attn_mask row so negative on every key (e.g. finfo.min, an eager "
+            "model's padding) that log(Sk) vanishes beside it: the kernels' backward recomputes "
+            "the softmax from the log-sum-exp and would give that row Sk times its gradient"))})
     if backend == "cpu" and (q.numel() == 0 or k.numel() == 0):
         backend = "reference"  # SDPA's CPU kernel dies of SIGFPE on Sk == 0; nothing to compute
     if backend == "cpu" and ours:  # fastbig's own kernel (ops/_attention_cpu.py) where it wins
