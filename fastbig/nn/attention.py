@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import backends as _backends
 from ..errors import DtypeError
 from ..ops.attention import attention as _attention
-
-from .. import backends as _backends  # noqa: E402
 
 __all__ = ["MultiheadAttention", "SelfAttention", "MHA_FORWARD_ARGUMENTS"]
 
