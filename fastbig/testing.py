@@ -7,9 +7,12 @@ Every result is compared to the reference computed in float64 from the same inpu
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["TOL", "TOL_TRITON_TF32", "tol", "tolerance", "rel_err", "assert_close", "randn", "to64"]
+__all__ = ["TOL", "TOL_TRITON_TF32", "tol", "tolerance", "rel_err", "assert_close", "param_grad_errors",
+           "randn", "to64"]
 
 # ||out - ref|| / ||ref||, ref computed in float64 from the same inputs.
 TOL = {
@@ -57,6 +60,32 @@ def assert_close(out, ref, dtype=None, *, tf32=False, name="output", factor=1.0)
     bound = tol(dtype, tf32=tf32) * factor
     assert err <= bound, f"{name}: relative error {err:.3e} > {bound:.1e} ({dtype})"
     return err
+
+
+def param_grad_errors(model: torch.nn.Module, twin: torch.nn.Module) -> dict:
+    """{name: relative error} of each parameter's gradient in ``model`` against the same-named
+    parameter of ``twin`` (the stock or float64 model, after the same backward).
+
+    A gradient that is zero in exact arithmetic (the key bias of softmax attention) has no
+    relative error to speak of: where the twin's gradient norm is under 1e-6 of all its
+    gradients' norm, the difference is measured against that total norm instead. NaN/inf give
+    inf. A gradient on one side only fails (an assertion naming the parameter)."""
+    tp = dict(twin.named_parameters())
+    total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in tp.values()
+                           if p.grad is not None)).item()
+    errs = {}
+    for name, p in model.named_parameters():
+        r = tp[name].grad
+        if r is None:
+            assert p.grad is None or p.grad.abs().max() == 0, f"{name} has a gradient, the twin none"
+            continue
+        assert p.grad is not None, f"no gradient for {name}"
+        if r.double().norm().item() < 1e-6 * total:
+            d = (p.grad.double() - r.double()).norm().item()
+            errs[name] = d / total if math.isfinite(d) else float("inf")
+        else:
+            errs[name] = rel_err(p.grad, r)
+    return errs
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=1.0, generator=None):

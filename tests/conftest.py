@@ -16,7 +16,8 @@ import fastbig  # noqa: E402
 
 # The tolerances, the error measure and the inputs live in fastbig.testing (the benchmarks judge
 # by them too); re-exported here for `from conftest import TOL, assert_close, ...`.
-from fastbig.testing import TOL, TOL_TRITON_TF32, assert_close, rel_err, randn, tol  # noqa: E402,F401
+from fastbig.testing import (TOL, TOL_TRITON_TF32, assert_close, param_grad_errors, randn,  # noqa: E402,F401
+                             rel_err, tol)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

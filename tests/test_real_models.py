@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import fastbig
-from conftest import rel_err
+from conftest import param_grad_errors, rel_err
 from fastbig.accelerate import AccelerateWarning
 from fastbig.backends import FastbigFallbackWarning
 
@@ -64,25 +64,8 @@ def _spy():
 
 
 def _grad_errors(model, ref):
-    """Worst relative gradient error over every parameter (a parameter whose gradient is zero in
-    exact arithmetic is measured against the total gradient norm)."""
-    rp = dict(ref.named_parameters())
-    total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in rp.values()
-                           if p.grad is not None)).item()
-    worst = 0.0
-    for name, p in model.named_parameters():
-        r = rp[name].grad
-        if r is None:
-            assert p.grad is None or p.grad.abs().max() == 0, f"{name} has a gradient, stock has none"
-            continue
-        assert p.grad is not None, f"no gradient for {name}"
-        if r.double().norm().item() < 1e-6 * total:
-            e = (p.grad.double() - r.double()).norm().item() / total
-        else:
-            e = rel_err(p.grad, r)
-        assert e == e, f"NaN in the gradient of {name}"
-        worst = max(worst, e)
-    return worst
+    """Worst relative gradient error over every parameter (fastbig.testing.param_grad_errors)."""
+    return max(param_grad_errors(model, ref).values(), default=0.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import fastbig
-from conftest import rel_err
+from conftest import param_grad_errors, rel_err
 
 transformers = pytest.importorskip("transformers")
 fit = importlib.import_module("fastbig.integrations.transformers")
@@ -97,20 +97,8 @@ def _check_model(make, inputs, *, label, keep=None, backend=None, generate=True,
         with _backend(backend), _spy():
             out.backward(g)
         ref_out.backward(g)
-        rp = dict(ref.named_parameters())
-        total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in rp.values()
-                               if p.grad is not None)).item()
         worst = 0.0
-        for name, p in model.named_parameters():
-            r = rp[name].grad
-            if r is None:
-                assert p.grad is None or p.grad.abs().max() == 0, f"{tag}: {name} has a gradient"
-                continue
-            assert p.grad is not None, f"{tag}: no gradient for {name}"
-            if r.double().norm().item() < 1e-6 * total:  # zero in exact arithmetic
-                e = (p.grad.double() - r.double()).norm().item() / total
-            else:
-                e = rel_err(p.grad, r)
+        for name, e in param_grad_errors(model, ref).items():
             worst = max(worst, e)
             assert e <= GRAD_TOL, f"{tag}: gradient of {name}: relative error {e:.2e}"
         _record(tag, "grads (worst param)", worst)
