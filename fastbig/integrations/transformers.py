@@ -225,12 +225,21 @@ class MaskInfo:
     padding: Optional[torch.Tensor]   # bool [B, Sk], True = attend (None: no padding)
     packed: Optional[torch.Tensor]    # int [B, S] segment ids (None: not packed)
     _dense: Any = field(default=None, repr=False)
+    _empty: Any = field(default=None, repr=False)     # (empty_rows(),) once computed
 
     def dense(self):
         """The exact mask the stock mask function gives for these arguments."""
         if self._dense is None:
             self._dense = _stock_mask_fn(self.stock)(**self.kwargs)
         return self._dense
+
+    def empty_rows(self) -> Optional[torch.Tensor]:
+        """The query rows that may attend no key at all, bool [B|1, Sq], or None when there are
+        none: O(B*(Sq+Sk)), with prefix counts of the attendable keys. Computed once per mask
+        (every layer that shares the mask shares the answer)."""
+        if self._empty is None:
+            self._empty = (_empty_rows(self),)
+        return self._empty[0]
 
 
 _META = None
@@ -331,24 +340,17 @@ def _decode_fn(fn, atoms: list, in_remap: bool = False) -> None:
     code = getattr(fn, "__code__", None)
     if code is None or not hasattr(fn, "__closure__"):
         raise _Unknown
-    cv = None
     if code is codes.get("and"):
-        cv = _closure(fn)
-        for f in cv.get("mask_functions", ()):
+        for f in _closure(fn).get("mask_functions", ()):
             _decode_fn(f, atoms, in_remap)
         return
-    if code is codes.get("sliding"):
-        w = _closure(fn).get("sliding_window")
-        if not isinstance(w, int) or isinstance(w, bool):
-            raise _Unknown
-        atoms.append(("sliding", w))
-        return
-    if code is codes.get("sliding_bidir"):
-        w = _closure(fn).get("sliding_window")
-        if not isinstance(w, int) or isinstance(w, bool):
-            raise _Unknown
-        atoms.append(("sliding_bidir", w))
-        return
+    for kind in ("sliding", "sliding_bidir"):
+        if code is codes.get(kind):
+            w = _closure(fn).get("sliding_window")
+            if not isinstance(w, int) or isinstance(w, bool):
+                raise _Unknown
+            atoms.append((kind, w))
+            return
     if code is codes.get("packed") and not in_remap:
         atoms.append(("packed", _closure(fn).get("packed_sequence_mask")))
         return
@@ -661,7 +663,7 @@ def _fastbig_call(stock, module, query, key, value, attention_mask, kwargs):
             return _packed(query, key, value, info, cu_kw, common, attention_varlen)
         if has_cu:
             raise _HandBack("cu_seq_lens_* without a packed mask (the stock path ignores them)")
-        empty = _empty_rows(info, Sq, Sk) if stock == "eager" and "sinks" not in feats else None
+        empty = info.empty_rows() if stock == "eager" and "sinks" not in feats else None
         if empty is not None and dropout > 0:
             raise _HandBack("query rows that see no key (padding) on an eager model with dropout")
         causal, window, bottom_right = _window_for(info.lo, info.hi, info.diag, Sq, Sk)
@@ -695,11 +697,11 @@ def _is_causal(module, kwargs) -> bool:
     return bool(c if c is not None else getattr(module, "is_causal", True))
 
 
-def _empty_rows(info: "MaskInfo", Sq: int, Sk: int) -> Optional[torch.Tensor]:
-    """The query rows of the structured mask that may attend no key at all, bool [B|1, Sq], or
-    None when there are none: O(B*(Sq+Sk)), with prefix counts of the attendable keys."""
+def _empty_rows(info: "MaskInfo") -> Optional[torch.Tensor]:
+    """MaskInfo.empty_rows, uncached."""
     if info.padding is None and info.lo is None and info.hi is None:
         return None
+    Sq, Sk = info.q_length, info.kv_length
     dev = info.padding.device if info.padding is not None else torch.device("cpu")
     keys = info.padding.long() if info.padding is not None else \
         torch.ones(1, Sk, dtype=torch.long, device=dev)
@@ -721,8 +723,8 @@ def _eager_empty_rows(out, query, key, value, empty, scale, softcap):
     B, Hq, Sq, D = query.shape
     groups = Hq // key.shape[1]
     b, i = torch.nonzero(empty.expand(B, Sq).to(query.device), as_tuple=True)
-    k = key.repeat_interleave(groups, 1)[b]                      # [n, Hq, Sk, D]
-    v = value.repeat_interleave(groups, 1)[b]
+    k = key[b].repeat_interleave(groups, 1)                      # [n, Hq, Sk, D]
+    v = value[b].repeat_interleave(groups, 1)
     q = query[b, :, i]                                           # [n, Hq, D]
     s = torch.einsum("nhd,nhkd->nhk", q, k) * (1.0 / math.sqrt(D) if scale is None else scale)
     if softcap:
